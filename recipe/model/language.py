@@ -1,0 +1,74 @@
+"""DeepSeek-V2 decoder (``language.*``): embedding, pre-norm decoder layers (attention + dense MLP or MoE),
+final RMSNorm, untied LM head.
+
+Shapes: B batch, T tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from recipe.config import LanguageConfig
+from recipe.model.attention import RMSNorm, build_attention_mask, make_attention
+from recipe.model.moe import MLP, DeepseekV2MoE
+
+
+class DecoderLayer(nn.Module):
+    """``model.layers.{i}``: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))."""
+
+    def __init__(self, cfg: LanguageConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = make_attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = DeepseekV2MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor],
+                segment_ids_BT: Optional[torch.Tensor] = None):
+        """Returns (h [B, T, D], aux loss or None)."""
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask)
+        x = self.post_attention_layernorm(h_BTD)
+        if self.is_moe:
+            y, aux = self.mlp(x, segment_ids_BT)
+        else:
+            y, aux = self.mlp(x), None
+        return h_BTD + y, aux
+
+
+class DeepseekV2Model(nn.Module):
+    """``language.model``: ``embed_tokens``, ``layers``, ``norm``."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor,
+                segment_ids_BT: Optional[torch.Tensor] = None):
+        """Returns (normed hidden [B, T, D], summed aux loss or None)."""
+        mask = build_attention_mask(segment_ids_BT)
+        h, aux_total = embeds_BTD, None
+        for layer in self.layers:
+            h, aux = layer(h, positions_BT, mask, segment_ids_BT)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(h), aux_total
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """``language``: the decoder plus ``lm_head``."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepseekV2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens

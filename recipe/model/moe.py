@@ -1,0 +1,213 @@
+"""DeepSeek-V2 mixture of experts: router, routed experts, shared experts, a local dropless dispatcher and the
+sequence-level load-balancing loss.
+
+The forward reads as route -> dispatch -> experts -> combine. Routing math is pure functions of fp32 scores so the
+DeepSpeed expert-parallel wrapper (``recipe/parallel/experts.py``) reuses it unchanged.
+
+Shape legend: S tokens (flattened batch), D hidden, E routed experts, K experts per token, F expert width,
+G balance groups (a sample, or a packed segment, without padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recipe.config import LanguageConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing (pure functions of fp32 scores)
+# ---------------------------------------------------------------------------------------------------------------
+
+def select_experts(scores_SE: torch.Tensor, method: str, k: int, n_group: Optional[int] = None,
+                   topk_group: Optional[int] = None,
+                   correction_bias_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Indices of the K experts each token is sent to, [S, K] int64.
+
+    greedy: top-K of the scores. group_limited_greedy: keep the ``topk_group`` groups with the highest max score,
+    top-K inside them. noaux_tc: the same on ``scores + correction_bias`` with groups ranked by the sum of their
+    top-2 biased scores (the bias only steers the choice; the weights come from the unbiased scores).
+    """
+    S, E = scores_SE.shape
+    if method == "greedy":
+        return torch.topk(scores_SE, k=k, dim=-1, sorted=False).indices
+    if method == "group_limited_greedy":
+        choice = scores_SE
+        group_scores = choice.view(S, n_group, -1).max(dim=-1).values
+    elif method == "noaux_tc":
+        choice = scores_SE + correction_bias_E.float()[None]
+        group_scores = choice.view(S, n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        raise ValueError(f"unknown topk_method {method!r}")
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False).indices
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    expert_mask = group_mask[:, :, None].expand(S, n_group, E // n_group).reshape(S, E).bool()
+    return torch.topk(choice.masked_fill(~expert_mask, 0.0), k=k, dim=-1, sorted=False).indices
+
+
+def routing_weights(scores_SE: torch.Tensor, topk_idx_SK: torch.Tensor, norm_topk_prob: bool,
+                    scaling_factor: float) -> torch.Tensor:
+    """Combine weights [S, K] fp32: the chosen (unbiased) scores, renormalised to sum 1 when ``norm_topk_prob``
+    (and K > 1), times ``routed_scaling_factor``."""
+    w = scores_SE.gather(1, topk_idx_SK)
+    if w.shape[1] > 1 and norm_topk_prob:
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scaling_factor
+    return w * scaling_factor
+
+
+def balance_groups(batch: int, seq: int, segment_ids_BT: Optional[torch.Tensor],
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """Group id per token for the balance statistics, [B*T] int64 (-1 = excluded), and the group count.
+
+    Without segment ids every row is one group and every token counts (the original's statistics). With them,
+    each (row, segment) is a group and padding (segment 0) is excluded: padding is no real load, while image
+    tokens are routed and cost expert compute, so they count.
+    """
+    if segment_ids_BT is None:
+        return torch.arange(batch, device=device).repeat_interleave(seq), batch
+    seg = segment_ids_BT.reshape(-1).long()
+    row = torch.arange(batch, device=device).repeat_interleave(seq)
+    key = row * (int(seg.max()) + 1) + seg
+    uniq, group = torch.unique(key[seg > 0], return_inverse=True)
+    out = torch.full_like(seg, -1)
+    out[seg > 0] = group
+    return out, int(uniq.numel())
+
+
+def load_balance_loss(scores_SE: torch.Tensor, topk_idx_SK: torch.Tensor, groups_S: torch.Tensor,
+                      num_groups: int, alpha: float, seq_aux: bool) -> torch.Tensor:
+    """DeepSeek-V2 expert-balance loss (fp32 scalar), already multiplied by ``alpha``.
+
+    seq_aux: per group g, f[g,e] = E / (n_g K) * #(slots routed to e), P[g,e] = mean score of e over the group's
+    tokens; loss = alpha * mean_g sum_e f P. Otherwise the same over all counted tokens at once.
+    """
+    S, E = scores_SE.shape
+    K = topk_idx_SK.shape[1]
+    keep = groups_S >= 0
+    if not seq_aux:
+        scores, idx = scores_SE[keep], topk_idx_SK[keep]
+        f = torch.zeros(E, device=scores.device).index_add_(
+            0, idx.reshape(-1), torch.ones(idx.numel(), device=scores.device)) * E / max(idx.numel(), 1)
+        return (scores.mean(0) * f).sum() * alpha
+    g = groups_S[keep]
+    scores, idx = scores_SE[keep], topk_idx_SK[keep]
+    n_g = torch.zeros(num_groups, device=scores.device).index_add_(0, g, torch.ones_like(g, dtype=torch.float32))
+    counts_GE = torch.zeros(num_groups * E, device=scores.device).index_add_(
+        0, (g[:, None] * E + idx).reshape(-1), torch.ones(idx.numel(), device=scores.device)).view(num_groups, E)
+    f_GE = counts_GE * E / (n_g[:, None] * K)
+    P_GE = torch.zeros(num_groups, E, device=scores.device).index_add_(0, g, scores) / n_g[:, None]
+    return (f_GE * P_GE).sum(dim=1).mean() * alpha
+
+
+@dataclass
+class Routing:
+    topk_idx: torch.Tensor     # [S, K] int64
+    topk_weight: torch.Tensor  # [S, K] fp32
+    scores: torch.Tensor       # [S, E] fp32, unbiased
+
+
+class MoEGate(nn.Module):
+    """Router (``mlp.gate``): fp32 logits x W^T, softmax or sigmoid scores, expert choice, combine weights.
+
+    ``e_score_correction_bias`` (noaux_tc only) is a persistent buffer: saved and loaded with the weights, never
+    trained by gradients (it only enters through the choice); :meth:`update_correction_bias` implements the
+    optional aux-loss-free balancing update.
+    """
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_routed_experts = cfg.n_routed_experts
+        self.topk_method = cfg.topk_method
+        self.scoring_func = cfg.scoring_func
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts), persistent=True)
+        else:
+            self.e_score_correction_bias = None
+
+    def scores(self, x_SD: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x_SD.float(), self.weight.float())
+        return logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+
+    def forward(self, x_SD: torch.Tensor) -> Routing:
+        scores = self.scores(x_SD)
+        idx = select_experts(scores, self.topk_method, self.top_k, self.n_group, self.topk_group,
+                             self.e_score_correction_bias)
+        w = routing_weights(scores, idx, self.norm_topk_prob, self.routed_scaling_factor)
+        return Routing(idx, w, scores)
+
+    @torch.no_grad()
+    def update_correction_bias(self, tokens_per_expert_E: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3 style): raise the bias of under-loaded experts and lower that of
+        over-loaded ones by ``rate``. Off unless the training config enables it."""
+        load = tokens_per_expert_E.float()
+        self.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load).to(self.e_score_correction_bias))
+
+
+def dispatch_local(x_SD: torch.Tensor, topk_idx_SK: torch.Tensor, topk_weight_SK: torch.Tensor,
+                   experts: nn.ModuleList) -> torch.Tensor:
+    """Dropless single-device dispatch: sort the (token, slot) pairs by expert, run each expert once on its
+    contiguous block, and sum the fp32-weighted outputs back per token. Returns [S, D] in x's dtype."""
+    S, D = x_SD.shape
+    K = topk_idx_SK.shape[1]
+    flat_idx = topk_idx_SK.reshape(-1)
+    order = flat_idx.argsort(stable=True)
+    token_of_slot = order // K
+    counts = torch.bincount(flat_idx, minlength=len(experts)).tolist()
+    blocks = x_SD[token_of_slot].split(counts)
+    outs = [expert(block) for expert, block, n in zip(experts, blocks, counts) if n]
+    out_sorted = torch.cat(outs) if outs else x_SD.new_zeros(0, D)
+    weighted = out_sorted.float() * topk_weight_SK.reshape(-1)[order, None]
+    return torch.zeros(S, D, dtype=torch.float32, device=x_SD.device).index_add_(
+        0, token_of_slot, weighted).to(x_SD.dtype)
+
+
+class DeepseekV2MoE(nn.Module):
+    """``mlp`` of an MoE layer: ``gate``, ``experts.{e}``, ``shared_experts``."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.seq_aux = cfg.seq_aux
+        self.gate = MoEGate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
+
+    def forward(self, x_BTD: torch.Tensor, segment_ids_BT: Optional[torch.Tensor] = None):
+        """Returns (y [B, T, D], aux loss fp32 scalar or None). The aux loss is computed in training mode when
+        ``aux_loss_alpha > 0``, as in the original; the caller adds it to the loss."""
+        B, T, D = x_BTD.shape
+        x_SD = x_BTD.reshape(-1, D)
+        routing = self.gate(x_SD)
+        y = dispatch_local(x_SD, routing.topk_idx, routing.topk_weight, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_SD)
+        aux = None
+        if self.training and self.aux_loss_alpha > 0:
+            groups, n = balance_groups(B, T, segment_ids_BT, x_BTD.device)
+            aux = load_balance_loss(routing.scores, routing.topk_idx, groups, n, self.aux_loss_alpha, self.seq_aux)
+        return y.view(B, T, D), aux

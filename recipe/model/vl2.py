@@ -1,0 +1,194 @@
+"""The whole DeepSeek-VL2 model: tiles -> ViT -> projector -> 2D layout (``image_newline`` per row,
+``view_seperator`` between views, global view first) -> scatter into the text embeddings at ``images_seq_mask``
+-> decoder -> fp32 logits and loss.
+
+Parameter names are the HF checkpoint's, so ``from_pretrained`` / ``save_pretrained`` read and write the released
+files directly. Single device; no DeepSpeed, no torch.distributed.
+
+Shapes: B batch, T tokens, D hidden, N tiles, V vocabulary, h tokens per view side (14 for 384px tiles).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from recipe.config import VL2Config
+from recipe.hf_checkpoint import CheckpointError, iter_tensors, load_weight_map, parse_size, write_sharded
+from recipe.model.language import DeepseekV2ForCausalLM
+from recipe.model.loss import causal_lm_loss
+from recipe.model.projector import MlpProjector
+from recipe.model.vision import VisionTransformer
+
+
+@dataclass
+class VL2Output:
+    loss: Optional[torch.Tensor]      # ce_loss + aux_loss (what training minimises)
+    logits: torch.Tensor              # [B, T, V] fp32
+    aux_loss: Optional[torch.Tensor]  # summed MoE balance loss (training mode), already times aux_loss_alpha
+    ce_loss: Optional[torch.Tensor]   # shifted token cross-entropy, mean over labelled tokens
+
+
+def image_token_counts(cfg: VL2Config, spatial_crop: list) -> list[list[int]]:
+    """Per sample, the image-token count of each image; a (0, 0) row ends a sample's images."""
+    out = []
+    for rows in spatial_crop:
+        counts = []
+        for w, h in rows:
+            if w == 0 or h == 0:
+                break
+            counts.append(cfg.num_image_tokens(w, h))
+        out.append(counts)
+    return out
+
+
+def layout_image(global_PD: torch.Tensor, local_NPD: torch.Tensor, width_tiles: int, height_tiles: int,
+                 newline_D: torch.Tensor, separator_D: torch.Tensor, global_first: bool = True) -> torch.Tensor:
+    """One image's token sequence [n_tokens, D].
+
+    global: h x h grid + a newline per row. local: tiles (row-major) stitched into a (th*h) x (tw*h) grid + a
+    newline per row. Joined as [global, separator, local] (or [local, separator, global]).
+    """
+    h = int(round(global_PD.shape[0] ** 0.5))
+    D = global_PD.shape[-1]
+    glob = torch.cat([global_PD.view(h, h, D), newline_D.expand(h, 1, D)], dim=1).reshape(-1, D)
+    loc = local_NPD.view(height_tiles, width_tiles, h, h, D).permute(0, 2, 1, 3, 4)
+    loc = loc.reshape(height_tiles * h, width_tiles * h, D)
+    loc = torch.cat([loc, newline_D.expand(height_tiles * h, 1, D)], dim=1).reshape(-1, D)
+    parts = [glob, separator_D[None], loc] if global_first else [loc, separator_D[None], glob]
+    return torch.cat(parts, dim=0)
+
+
+class DeepseekVLV2ForCausalLM(nn.Module):
+    """DeepSeek-VL2 (tiny / small / base) for training and evaluation."""
+
+    def __init__(self, cfg: VL2Config):
+        super().__init__()
+        self.config = cfg
+        D = cfg.projector_config.n_embed
+        self.vision = VisionTransformer(cfg.vision_config)
+        self.projector = MlpProjector(cfg.projector_config)
+        self.image_newline = nn.Parameter(torch.randn(D) / D ** 0.5)
+        self.view_seperator = nn.Parameter(torch.randn(D) / D ** 0.5)  # sic: the checkpoint's key name
+        self.language = DeepseekV2ForCausalLM(cfg.language_config)
+
+    # --- images -------------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor, spatial_crop: list) -> list[torch.Tensor]:
+        """Image tokens per sample: ``images`` [B, max_tiles, 3, S, S], ``spatial_crop`` per sample a list of
+        (width_tiles, height_tiles) -> list of B tensors [n_image_tokens_b, D] (empty for text-only samples)."""
+        tiles, layout = [], []
+        for b, rows in enumerate(spatial_crop):
+            n_b = 0
+            for w, h in rows:
+                if w == 0 or h == 0:
+                    break
+                layout.append((b, w, h))
+                n_b += 1 + w * h
+            if n_b > images.shape[1]:
+                raise ValueError(f"sample {b}: images_spatial_crop needs {n_b} tiles, images holds {images.shape[1]}")
+            tiles.append(images[b, :n_b])
+        D = self.image_newline.shape[0]
+        per_sample: list[list[torch.Tensor]] = [[] for _ in spatial_crop]
+        if not layout:
+            return [self.image_newline.new_zeros(0, D) for _ in spatial_crop]
+        feats = self.projector(self.vision(torch.cat(tiles).to(self.image_newline.dtype)))  # [N, h*h, D]
+        t = 0
+        for b, w, h in layout:
+            per_sample[b].append(layout_image(feats[t], feats[t + 1: t + 1 + w * h], w, h, self.image_newline,
+                                              self.view_seperator, self.config.global_view_pos == "head"))
+            t += 1 + w * h
+        return [torch.cat(p) if p else self.image_newline.new_zeros(0, D) for p in per_sample]
+
+    def prepare_inputs_embeds(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
+                              images_seq_mask: Optional[torch.Tensor] = None,
+                              images_spatial_crop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Text embeddings [B, T, D] with the image tokens scattered in at ``images_seq_mask`` (in order)."""
+        embeds = self.language.get_input_embeddings()(input_ids)
+        n_masked = [0] * input_ids.shape[0] if images_seq_mask is None else images_seq_mask.sum(1).tolist()
+        if images is None or images_spatial_crop is None or int(images_spatial_crop.sum()) == 0:
+            if any(n_masked):
+                raise ValueError(f"images_seq_mask marks {sum(n_masked)} image positions but no images were given")
+            return embeds
+        crop = images_spatial_crop.tolist()
+        expected = [sum(c) for c in image_token_counts(self.config, crop)]
+        if expected != n_masked:
+            bad = next(b for b in range(len(expected)) if expected[b] != n_masked[b])
+            raise ValueError(f"sample {bad}: images_seq_mask marks {n_masked[bad]} positions but its images "
+                             f"{crop[bad]} give {expected[bad]} tokens (truncated or misaligned sample?)")
+        tokens = torch.cat(self.encode_images(images, crop)).to(embeds.dtype)
+        return embeds.masked_scatter(images_seq_mask.bool()[..., None], tokens)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
+                images_seq_mask: Optional[torch.Tensor] = None, images_spatial_crop: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> VL2Output:
+        """
+        Args:
+            input_ids: [B, T] token ids (image positions hold the ``<image>`` id).
+            images: [B, max_tiles, 3, S, S] normalised tiles, or None for text-only.
+            images_seq_mask: [B, T] bool, True at image-token positions.
+            images_spatial_crop: [B, max_images, 2] (width_tiles, height_tiles), (0, 0) rows are padding.
+            labels: [B, T] targets aligned with ``input_ids`` (not shifted), -100 = ignored.
+            attention_mask: [B, T], 1 for real tokens, 0 for (right) padding.
+            position_ids: [B, T]; default ``arange(T)`` for every row, as the original.
+            segment_ids: [B, T] packed-sequence ids (0 = padding); overrides ``attention_mask``.
+        """
+        embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        B, T = input_ids.shape
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = attention_mask.long()
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        hidden, aux = self.language.model(embeds, position_ids, segment_ids)
+        logits = self.language.lm_head(hidden).float()
+        ce = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None if ce is None else (ce if aux is None else ce + aux)
+        return VL2Output(loss=loss, logits=logits, aux_loss=aux, ce_loss=ce)
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Union[torch.dtype, str, None] = None,
+                        device: Union[str, torch.device] = "cpu") -> "DeepseekVLV2ForCausalLM":
+        """Load a released-layout checkpoint directory (``config.json`` + sharded safetensors with index, or one
+        ``model.safetensors``). Strict: a missing or unexpected tensor, or a shape mismatch, is an error.
+
+        ``torch_dtype``: None or "auto" keeps each tensor's stored dtype; otherwise floating tensors are cast.
+        """
+        cfg = VL2Config.from_json(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model.state_dict()
+        weight_map = load_weight_map(path)
+        missing = [k for k in expected if k not in weight_map]
+        unexpected = [k for k in weight_map if k not in expected]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: checkpoint does not match config.json: "
+                f"{len(missing)} missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                f"{len(unexpected)} unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        dtype = None if torch_dtype in (None, "auto") else torch_dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        loaded = {}
+        for name, tensor in iter_tensors(path, weight_map=weight_map):
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(f"{os.path.join(path, weight_map[name])}: tensor {name!r} has shape "
+                                      f"{tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            loaded[name] = tensor.to(device)
+        model.load_state_dict(loaded, strict=True, assign=True)
+        return model
+
+    def save_pretrained(self, path: str, max_shard_size: Union[int, str] = "5GB") -> None:
+        """Write ``config.json``, released-style safetensors shards and ``model.safetensors.index.json``."""
+        os.makedirs(path, exist_ok=True)
+        self.config.save_json(os.path.join(path, "config.json"))
+        state = self.state_dict()
+        write_sharded(((k, v.detach().cpu()) for k, v in state.items()), path, parse_size(max_shard_size))
