@@ -6,7 +6,7 @@ Shapes: B batch, T tokens, D hidden, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -17,16 +17,24 @@ from recipe.model.moe import MLP, DeepseekV2MoE
 
 
 class DecoderLayer(nn.Module):
-    """``model.layers.{i}``: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))."""
+    """``model.layers.{i}``: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h)).
 
-    def __init__(self, cfg: LanguageConfig, layer_idx: int):
+    ``moe_factory(cfg)`` builds the MoE block of MoE layers (default: the single-device :class:`DeepseekV2MoE`;
+    the pipeline passes the expert-parallel one). Either is called as ``mlp(x, segment_ids) -> (y, aux)``.
+    """
+
+    def __init__(self, cfg: LanguageConfig, layer_idx: int,
+                 moe_factory: Optional[Callable[[LanguageConfig], nn.Module]] = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = make_attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.mlp = DeepseekV2MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        if self.is_moe:
+            self.mlp = (moe_factory or DeepseekV2MoE)(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor],
                 segment_ids_BT: Optional[torch.Tensor] = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -15,3 +16,27 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, reduction:
     logits = logits_BTV[:, :-1].reshape(-1, V).float()
     targets = labels_BT[:, 1:].reshape(-1)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def _chunk_ce_sum(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden_ND, weight_VD).float(), targets_N, reduction="sum")
+
+
+def lm_head_loss_sum(hidden_BTD: torch.Tensor, lm_head_weight_VD: torch.Tensor, labels_BT: torch.Tensor,
+                     chunk_tokens: int = 2048) -> torch.Tensor:
+    """Sum of the shifted token cross-entropies, computing the LM head only at labelled positions and a chunk of
+    tokens at a time (each chunk recomputed in backward), so the [tokens, V] fp32 logits never exist whole.
+
+    Equals ``causal_lm_loss(lm_head(hidden), labels, reduction="sum")``. A micro-batch without labels gives a
+    zero that still depends on the head, so every rank runs the same backward.
+    """
+    D = hidden_BTD.shape[-1]
+    hidden = hidden_BTD[:, :-1].reshape(-1, D)
+    targets = labels_BT[:, 1:].reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]
+    total = (hidden_BTD.float().sum() + lm_head_weight_VD.float().sum()) * 0.0
+    for i in range(0, targets.numel(), chunk_tokens):
+        total = total + checkpoint(_chunk_ce_sum, hidden[i:i + chunk_tokens], lm_head_weight_VD,
+                                   targets[i:i + chunk_tokens], use_reentrant=False)
+    return total

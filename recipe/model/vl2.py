@@ -46,6 +46,47 @@ def image_token_counts(cfg: VL2Config, spatial_crop: list) -> list[list[int]]:
     return out
 
 
+def check_image_positions(cfg: VL2Config, images_seq_mask: Optional[torch.Tensor], spatial_crop: list) -> None:
+    """Raise unless every sample marks exactly as many image positions as its images produce tokens."""
+    n_masked = [0] * len(spatial_crop) if images_seq_mask is None else images_seq_mask.sum(1).tolist()
+    expected = [sum(c) for c in image_token_counts(cfg, spatial_crop)]
+    if expected != n_masked:
+        bad = next(b for b in range(len(expected)) if expected[b] != n_masked[b])
+        if expected[bad] == 0:
+            raise ValueError(f"sample {bad}: images_seq_mask marks {n_masked[bad]} image positions but no images "
+                             f"were given")
+        raise ValueError(f"sample {bad}: images_seq_mask marks {n_masked[bad]} positions but its images "
+                         f"{spatial_crop[bad]} give {expected[bad]} tokens (truncated or misaligned sample?)")
+
+
+def image_layout(spatial_crop: list) -> list[tuple[int, int, int]]:
+    """One (sample, width_tiles, height_tiles) per image, in batch order; a (0, 0) row ends a sample's images."""
+    out = []
+    for b, rows in enumerate(spatial_crop):
+        for w, h in rows:
+            if w == 0 or h == 0:
+                break
+            out.append((b, w, h))
+    return out
+
+
+def select_tiles(images: torch.Tensor, spatial_crop: list) -> tuple[torch.Tensor, list]:
+    """The tiles the images use, in batch order, without the zero padding tiles.
+
+    images [B, max_tiles, 3, S, S], spatial_crop per sample a list of (width_tiles, height_tiles) ->
+    (tiles [N, 3, S, S], :func:`image_layout`). Each image takes 1 + w*h consecutive tiles: the global view,
+    then the local tiles in row-major order.
+    """
+    layout = image_layout(spatial_crop)
+    chunks = []
+    for b in range(len(spatial_crop)):
+        n_b = sum(1 + w * h for s, w, h in layout if s == b)
+        if n_b > images.shape[1]:
+            raise ValueError(f"sample {b}: images_spatial_crop needs {n_b} tiles, images holds {images.shape[1]}")
+        chunks.append(images[b, :n_b])
+    return torch.cat(chunks), layout
+
+
 def layout_image(global_PD: torch.Tensor, local_NPD: torch.Tensor, width_tiles: int, height_tiles: int,
                  newline_D: torch.Tensor, separator_D: torch.Tensor, global_first: bool = True) -> torch.Tensor:
     """One image's token sequence [n_tokens, D].
@@ -61,6 +102,19 @@ def layout_image(global_PD: torch.Tensor, local_NPD: torch.Tensor, width_tiles: 
     loc = torch.cat([loc, newline_D.expand(height_tiles * h, 1, D)], dim=1).reshape(-1, D)
     parts = [glob, separator_D[None], loc] if global_first else [loc, separator_D[None], glob]
     return torch.cat(parts, dim=0)
+
+
+def assemble_image_tokens(feats_NPD: torch.Tensor, layout: list, batch: int, newline_D: torch.Tensor,
+                          separator_D: torch.Tensor, global_first: bool = True) -> list[torch.Tensor]:
+    """Projected views [N, h*h, D] (in :func:`select_tiles` order) -> per sample [n_image_tokens_b, D]."""
+    D = feats_NPD.shape[-1]
+    per_sample: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    t = 0
+    for b, w, h in layout:
+        per_sample[b].append(layout_image(feats_NPD[t], feats_NPD[t + 1: t + 1 + w * h], w, h, newline_D,
+                                          separator_D, global_first))
+        t += 1 + w * h
+    return [torch.cat(p) if p else feats_NPD.new_zeros(0, D) for p in per_sample]
 
 
 class DeepseekVLV2ForCausalLM(nn.Module):
@@ -80,45 +134,24 @@ class DeepseekVLV2ForCausalLM(nn.Module):
     def encode_images(self, images: torch.Tensor, spatial_crop: list) -> list[torch.Tensor]:
         """Image tokens per sample: ``images`` [B, max_tiles, 3, S, S], ``spatial_crop`` per sample a list of
         (width_tiles, height_tiles) -> list of B tensors [n_image_tokens_b, D] (empty for text-only samples)."""
-        tiles, layout = [], []
-        for b, rows in enumerate(spatial_crop):
-            n_b = 0
-            for w, h in rows:
-                if w == 0 or h == 0:
-                    break
-                layout.append((b, w, h))
-                n_b += 1 + w * h
-            if n_b > images.shape[1]:
-                raise ValueError(f"sample {b}: images_spatial_crop needs {n_b} tiles, images holds {images.shape[1]}")
-            tiles.append(images[b, :n_b])
-        D = self.image_newline.shape[0]
-        per_sample: list[list[torch.Tensor]] = [[] for _ in spatial_crop]
+        tiles, layout = select_tiles(images, spatial_crop)
         if not layout:
-            return [self.image_newline.new_zeros(0, D) for _ in spatial_crop]
-        feats = self.projector(self.vision(torch.cat(tiles).to(self.image_newline.dtype)))  # [N, h*h, D]
-        t = 0
-        for b, w, h in layout:
-            per_sample[b].append(layout_image(feats[t], feats[t + 1: t + 1 + w * h], w, h, self.image_newline,
-                                              self.view_seperator, self.config.global_view_pos == "head"))
-            t += 1 + w * h
-        return [torch.cat(p) if p else self.image_newline.new_zeros(0, D) for p in per_sample]
+            return [self.image_newline.new_zeros(0, self.image_newline.shape[0]) for _ in spatial_crop]
+        feats = self.projector(self.vision(tiles.to(self.image_newline.dtype)))  # [N, h*h, D]
+        return assemble_image_tokens(feats, layout, len(spatial_crop), self.image_newline, self.view_seperator,
+                                     self.config.global_view_pos == "head")
 
     def prepare_inputs_embeds(self, input_ids: torch.Tensor, images: Optional[torch.Tensor] = None,
                               images_seq_mask: Optional[torch.Tensor] = None,
                               images_spatial_crop: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Text embeddings [B, T, D] with the image tokens scattered in at ``images_seq_mask`` (in order)."""
         embeds = self.language.get_input_embeddings()(input_ids)
-        n_masked = [0] * input_ids.shape[0] if images_seq_mask is None else images_seq_mask.sum(1).tolist()
-        if images is None or images_spatial_crop is None or int(images_spatial_crop.sum()) == 0:
-            if any(n_masked):
-                raise ValueError(f"images_seq_mask marks {sum(n_masked)} image positions but no images were given")
+        crop = [[] for _ in range(input_ids.shape[0])] if images_spatial_crop is None else images_spatial_crop.tolist()
+        if images is None:
+            crop = [[] for _ in crop]
+        check_image_positions(self.config, images_seq_mask, crop)
+        if not any(image_token_counts(self.config, crop)):
             return embeds
-        crop = images_spatial_crop.tolist()
-        expected = [sum(c) for c in image_token_counts(self.config, crop)]
-        if expected != n_masked:
-            bad = next(b for b in range(len(expected)) if expected[b] != n_masked[b])
-            raise ValueError(f"sample {bad}: images_seq_mask marks {n_masked[bad]} positions but its images "
-                             f"{crop[bad]} give {expected[bad]} tokens (truncated or misaligned sample?)")
         tokens = torch.cat(self.encode_images(images, crop)).to(embeds.dtype)
         return embeds.masked_scatter(images_seq_mask.bool()[..., None], tokens)
 

@@ -119,6 +119,17 @@ def stage_parts(cfg: VL2Config, num_stages: int, decoder_split: Optional[Sequenc
     if num_stages > 1 and decoder_split[-1] == 0:
         raise ConfigError(f"decoder_split={decoder_split}: the last stage holds the head and needs >= 1 decoder "
                           f"layer so the head is not a stage of its own")
+    lc = cfg.language_config
+    if lc.is_moe and num_stages > 1:
+        start = 0
+        for s, n in enumerate(decoder_split):
+            if not any(lc.is_moe_layer(j) for j in range(start, start + n)):
+                raise ConfigError(
+                    f"decoder_split={decoder_split}: stage {s} (decoder layers {start}..{start + n - 1}) holds no "
+                    f"MoE layer. DeepSpeed creates the expert groups and reduces expert gradient norms with "
+                    f"collectives that only stages holding MoE layers join, so such a stage hangs the run; give "
+                    f"every stage at least one MoE layer (layers >= first_k_dense_replace={lc.first_k_dense_replace})")
+            start += n
     parts = [0, first + decoder_split[0]]
     for n in decoder_split[1:]:
         parts.append(parts[-1] + n)
@@ -138,10 +149,12 @@ def balanced_decoder_split(cfg: VL2Config, num_stages: int, vision_share: Option
         return [L]
     if vision_share is None:
         vision_share = _vision_cost_in_decoder_layers(cfg)
+    # stage 0 must reach past the dense prefix to hold an MoE layer (see stage_parts)
+    min_first = cfg.language_config.first_k_dense_replace + 1 if cfg.language_config.is_moe else 0
     best = None
     for per_stage in range(1, L + 1):
         first = L - (num_stages - 1) * per_stage
-        if first < 0:
+        if first < min_first:
             break
         cost = max(vision_share + first, per_stage)
         if best is None or cost <= best[0]:

@@ -1,0 +1,397 @@
+"""Convert InternVL SFT jsonl (e.g. ai2d_train_12k.jsonl) into DeepSeek-VL2 conversations, validating every record.
+
+    python recipe/prepare_ai2d.py --input ai2d_train_12k.jsonl --image-root playground/data/ai2d \\
+        --output ai2d_dsvl.jsonl [--num-workers 4] [--max-invalid-fraction 0.01] [--no-decode-check]
+
+Input, one JSON object per line (InternVL-Chat-V1-2-SFT-Data):
+    {"id": ..., "image": "rel/path.png" | "images": [...] (or neither: text-only),
+     "conversations": [{"from": "system"|"human"|"gpt", "value": "<image>\\nQuestion ..."}, ...]}
+Output, one per line, in input order:
+    {"id": ..., "conversations": [{"role": "<|User|>", "content": "<image>\\nQuestion ...", "images": [...]},
+                                  {"role": "<|Assistant|>", "content": "B"}], "image_sizes": [[w, h], ...]}
+Each image is listed once, on the user turn that holds its <image> placeholder; a system turn stays "system".
+"image_sizes" is written when images were decoded (the default).
+
+Validation (reason codes in the report): invalid_json, not_an_object, missing_key, bad_type, unknown_role,
+bad_turn_order (optional system first, then human/gpt alternating, starting with human, ending with gpt),
+empty_turn, placeholder_in_answer (<image> outside user turns), placeholder_mismatch (<image> count != images),
+bad_path / path_escape (absolute, '..', or resolving outside the image root), missing_file, undecodable_image
+(truncated, zero-byte, not an image), image_too_large (over --max-image-pixels: decompression-bomb guard),
+empty_image. Skipped records are counted by reason and listed (line number, id, message) in the report
+(default: OUTPUT.report.json). The run fails (exit code 1, no output written) when more than
+--max-invalid-fraction of the records are invalid.
+
+The input is streamed in chunks (memory does not grow with its size) through --num-workers processes; the output
+and the report are written to temporary files and renamed into place, so an interrupted run leaves no partial
+output, and re-running gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as `python recipe/prepare_ai2d.py`: Python put recipe/ first on sys.path, where its sub-packages
+    # (data, model, ...) could shadow top-level modules. Use the package from the repository (or the
+    # installed one) instead.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0]) == _here:
+        sys.path[0] = os.path.dirname(_here)
+
+from tqdm import tqdm  # noqa: E402
+
+from recipe.data.conversation import ASSISTANT_ROLE, IMAGE_TOKEN, SYSTEM_ROLE, USER_ROLE  # noqa: E402
+from recipe.data.image_io import DEFAULT_MAX_PIXELS, ImageLoadError, check_image, resolve_under_root  # noqa: E402
+
+logger = logging.getLogger("prepare_ai2d")
+
+ROLE_MAP = {"human": USER_ROLE, "gpt": ASSISTANT_ROLE, "system": SYSTEM_ROLE}
+REASONS = ("invalid_json", "not_an_object", "missing_key", "bad_type", "unknown_role", "bad_turn_order",
+           "empty_turn", "placeholder_in_answer", "placeholder_mismatch", "bad_path", "path_escape",
+           "missing_file", "undecodable_image", "image_too_large", "empty_image")
+
+
+class Invalid(Exception):
+    """A record fails validation: ``reason`` is one of REASONS, the message says what and where."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Options:
+    image_root: str
+    real_root: str
+    decode_check: bool = True
+    max_image_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    prepend_missing_image: bool = False
+
+
+# --- one record ---------------------------------------------------------------------------------------------
+def _image_list(record: dict) -> list:
+    if "image" in record and "images" in record:
+        raise Invalid("bad_type", "has both 'image' and 'images'; use one")
+    if "image" in record:
+        if not isinstance(record["image"], str):
+            raise Invalid("bad_type", f"'image' must be a string path, got {type(record['image']).__name__}")
+        return [record["image"]]
+    images = record.get("images", [])
+    if images is None:
+        return []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise Invalid("bad_type", "'images' must be a list of string paths")
+    return list(images)
+
+
+def _turns(record: dict) -> list:
+    """[(role, value)] after checking keys, roles and the turn order."""
+    if "conversations" not in record:
+        raise Invalid("missing_key", "no 'conversations'")
+    conv = record["conversations"]
+    if not isinstance(conv, list) or not conv:
+        raise Invalid("bad_type", "'conversations' must be a non-empty list")
+    turns = []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise Invalid("bad_type", f"conversations[{t}] must be an object")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise Invalid("missing_key", f"conversations[{t}] has no '{key}'")
+        if not isinstance(turn["value"], str):
+            raise Invalid("bad_type", f"conversations[{t}].value must be a string")
+        if turn["from"] not in ROLE_MAP:
+            raise Invalid("unknown_role", f"conversations[{t}].from={turn['from']!r}; expected one of "
+                                          f"{sorted(ROLE_MAP)}")
+        turns.append((ROLE_MAP[turn["from"]], turn["value"]))
+    body = turns[1:] if turns[0][0] == SYSTEM_ROLE else turns
+    for t, (role, _) in enumerate(body):
+        want = USER_ROLE if t % 2 == 0 else ASSISTANT_ROLE
+        if role != want:
+            pos = t + len(turns) - len(body)
+            raise Invalid("bad_turn_order", f"conversations[{pos}] is {role!r}, expected {want!r} (an optional "
+                                            f"system turn first, then human and gpt alternating)")
+    if not body or body[-1][0] != ASSISTANT_ROLE:
+        raise Invalid("bad_turn_order", "the conversation must end with a gpt answer")
+    for t, (role, value) in enumerate(turns):
+        if not value.strip():
+            raise Invalid("empty_turn", f"conversations[{t}] ({role}) is empty")
+        if role != USER_ROLE and IMAGE_TOKEN in value:
+            raise Invalid("placeholder_in_answer", f"conversations[{t}] ({role}) contains {IMAGE_TOKEN}; images "
+                                                   f"belong to human turns")
+    return turns
+
+
+def convert_record(record, opts: Options) -> tuple[dict, bool]:
+    """Validate one parsed InternVL record; returns (DeepSeek-VL2 record, placeholder was added) or raises
+    :class:`Invalid`."""
+    if not isinstance(record, dict):
+        raise Invalid("not_an_object", f"expected a JSON object, got {type(record).__name__}")
+    if "id" not in record:
+        raise Invalid("missing_key", "no 'id'")
+    if not isinstance(record["id"], (str, int)):
+        raise Invalid("bad_type", "'id' must be a string or an integer")
+    images = _image_list(record)
+    turns = _turns(record)
+    n_placeholders = sum(v.count(IMAGE_TOKEN) for r, v in turns if r == USER_ROLE)
+    fixed = False
+    if n_placeholders == 0 and len(images) == 1 and opts.prepend_missing_image:
+        # InternVL's own loader puts a lone image in front of the first question when it has no placeholder.
+        first = next(t for t, (r, _) in enumerate(turns) if r == USER_ROLE)
+        turns[first] = (USER_ROLE, f"{IMAGE_TOKEN}\n{turns[first][1]}")
+        n_placeholders, fixed = 1, True
+    if n_placeholders != len(images):
+        raise Invalid("placeholder_mismatch", f"{n_placeholders} {IMAGE_TOKEN} placeholders but {len(images)} "
+                                              f"images")
+    sizes = []
+    for rel in images:
+        try:
+            full = resolve_under_root(opts.image_root, rel, opts.real_root)
+            if not os.path.isfile(full):
+                raise ImageLoadError(rel, "missing_file", f"no such file under the image root {opts.image_root}")
+            if opts.decode_check:
+                sizes.append(list(check_image(full, opts.max_image_pixels)))
+        except ImageLoadError as e:
+            raise Invalid(e.reason, f"image {rel!r}: {e.detail}") from None
+    conversations, used = [], 0
+    for role, value in turns:
+        msg = {"role": role, "content": value}
+        n = value.count(IMAGE_TOKEN) if role == USER_ROLE else 0
+        if n:
+            msg["images"] = images[used: used + n]
+            used += n
+        conversations.append(msg)
+    out = {"id": record["id"], "conversations": conversations}
+    if opts.decode_check and sizes:
+        out["image_sizes"] = sizes
+    return out, fixed
+
+
+def process_chunk(first_line: int, lines: list, opts: Options) -> list:
+    """Worker: [(line_no, output_line | None, id, reason, message, fixed)] for a chunk of raw input lines."""
+    results = []
+    for k, raw in enumerate(lines):
+        line_no = first_line + k
+        if not raw.strip():
+            results.append((line_no, None, None, "blank", "", False))
+            continue
+        rec_id = None
+        try:
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise Invalid("invalid_json", f"not valid JSON: {e}") from None
+            if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+                rec_id = record["id"]
+            out, fixed = convert_record(record, opts)
+            results.append((line_no, json.dumps(out, ensure_ascii=False), rec_id, None, "", fixed))
+        except Invalid as e:
+            results.append((line_no, None, rec_id, e.reason, str(e), False))
+    return results
+
+
+# --- streaming ----------------------------------------------------------------------------------------------
+def read_chunks(path: str, chunk_lines: int) -> Iterator[tuple[int, list, int]]:
+    """(first line number (1-based), raw lines, bytes) per chunk; never holds more than one chunk."""
+    with open(path, "rb") as f:
+        lines, nbytes, first = [], 0, 1
+        for line_no, line in enumerate(f, start=1):
+            lines.append(line)
+            nbytes += len(line)
+            if len(lines) == chunk_lines:
+                yield first, lines, nbytes
+                lines, nbytes, first = [], 0, line_no + 1
+        if lines:
+            yield first, lines, nbytes
+
+
+def ordered_map(fn, items: Iterator, opts: Options, num_workers: int) -> Iterator[tuple[list, int]]:
+    """fn(first, lines, opts) over the chunks, in order; at most 2 x num_workers chunks in flight (backpressure
+    keeps memory bounded on inputs of any size)."""
+    if num_workers <= 1:
+        for first, lines, nbytes in items:
+            yield fn(first, lines, opts), nbytes
+        return
+    with ProcessPoolExecutor(max_workers=num_workers) as pool:
+        pending = deque()
+        for first, lines, nbytes in items:
+            pending.append((pool.submit(fn, first, lines, opts), nbytes))
+            if len(pending) >= 2 * num_workers:
+                fut, n = pending.popleft()
+                yield fut.result(), n
+        while pending:
+            fut, n = pending.popleft()
+            yield fut.result(), n
+
+
+def _atomic_writer(path: str):
+    """A temp file next to ``path`` (same filesystem, so the final rename is atomic)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    return os.fdopen(fd, "w", encoding="utf-8"), tmp
+
+
+def _install(tmp: str, path: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the output normal permissions
+    os.replace(tmp, path)
+
+
+@dataclass
+class Summary:
+    input: str
+    output: str
+    image_root: str
+    records: int = 0
+    valid: int = 0
+    invalid: int = 0
+    blank_lines: int = 0
+    fixed_missing_placeholder: int = 0
+    duplicate_ids: int = 0
+    invalid_fraction: float = 0.0
+    max_invalid_fraction: float = 0.0
+    status: str = "ok"
+    seconds: float = 0.0
+
+
+def prepare(input_path: str, image_root: str, output_path: str, report_path: Optional[str] = None,
+            num_workers: int = 1, max_invalid_fraction: float = 0.01, decode_check: bool = True,
+            max_image_pixels: Optional[int] = DEFAULT_MAX_PIXELS, prepend_missing_image: bool = False,
+            chunk_lines: int = 64, progress: bool = True) -> dict:
+    """Convert and validate; returns the report dict (also written to ``report_path``). When too many records
+    are invalid (or there are none) the report's ``status`` starts with "failed" and the output is not written."""
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"{input_path}: no such input file")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{image_root}: image root is not a directory")
+    if os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise ValueError("--output must differ from --input")
+    report_path = report_path or output_path + ".report.json"
+    opts = Options(image_root=image_root, real_root=os.path.realpath(image_root), decode_check=decode_check,
+                   max_image_pixels=max_image_pixels, prepend_missing_image=prepend_missing_image)
+    s = Summary(input=input_path, output=output_path, image_root=image_root,
+                max_invalid_fraction=max_invalid_fraction)
+    by_reason, skipped, seen_ids, dup_examples = Counter(), [], set(), []
+    t0 = time.time()
+    out_f, out_tmp = _atomic_writer(output_path)
+    try:
+        with out_f, tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
+                         disable=not progress) as bar:
+            for results, nbytes in ordered_map(process_chunk, read_chunks(input_path, chunk_lines), opts,
+                                               num_workers):
+                for line_no, line, rec_id, reason, message, fixed in results:
+                    if reason == "blank":
+                        s.blank_lines += 1
+                        continue
+                    s.records += 1
+                    if reason is not None:
+                        s.invalid += 1
+                        by_reason[reason] += 1
+                        skipped.append({"line": line_no, "id": rec_id, "reason": reason, "message": message})
+                        continue
+                    s.valid += 1
+                    s.fixed_missing_placeholder += int(fixed)
+                    key = json.dumps(rec_id)
+                    if key in seen_ids:
+                        s.duplicate_ids += 1
+                        if len(dup_examples) < 20:
+                            dup_examples.append({"line": line_no, "id": rec_id})
+                    seen_ids.add(key)
+                    out_f.write(line + "\n")
+                bar.update(nbytes)
+                bar.set_postfix(valid=s.valid, invalid=s.invalid, refresh=False)
+        s.invalid_fraction = s.invalid / s.records if s.records else 1.0
+        s.seconds = round(time.time() - t0, 3)
+        if s.records == 0:
+            s.status = "failed: the input has no records"
+        elif s.invalid_fraction > max_invalid_fraction:
+            s.status = (f"failed: {s.invalid} of {s.records} records invalid ({s.invalid_fraction:.2%}) > "
+                        f"--max-invalid-fraction {max_invalid_fraction:.2%}")
+        report = {**asdict(s), "invalid_by_reason": dict(sorted(by_reason.items())),
+                  "duplicate_id_examples": dup_examples, "skipped": skipped}
+        rep_f, rep_tmp = _atomic_writer(report_path)
+        with rep_f:
+            json.dump(report, rep_f, indent=1, ensure_ascii=False)
+            rep_f.write("\n")
+        _install(rep_tmp, report_path)
+        if s.status != "ok":
+            os.unlink(out_tmp)
+            return report
+        _install(out_tmp, output_path)
+        return report
+    except BaseException:
+        if os.path.exists(out_tmp):
+            os.unlink(out_tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python recipe/prepare_ai2d.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="InternVL-format jsonl (e.g. opensource/ai2d_train_12k.jsonl)")
+    p.add_argument("--image-root", required=True,
+                   help="directory the records' image paths are relative to; paths may not leave it")
+    p.add_argument("--output", required=True, help="DeepSeek-VL2 conversation jsonl to write")
+    p.add_argument("--report", default=None, help="validation report (JSON); default: OUTPUT.report.json")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="validation processes (1 = in this process; default: %(default)s)")
+    p.add_argument("--max-invalid-fraction", type=float, default=0.01,
+                   help="fail (exit 1, no output) when more than this fraction of records is invalid "
+                        "(default: %(default)s)")
+    p.add_argument("--no-decode-check", action="store_true",
+                   help="only check that image files exist (faster); by default every image is fully decoded")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels (decompression bombs; default: %(default)s)")
+    p.add_argument("--prepend-missing-image", action="store_true",
+                   help="InternVL's convention: a record with one image and no <image> placeholder gets one in "
+                        "front of its first question (counted in the report); by default such records are "
+                        "invalid (placeholder_mismatch)")
+    p.add_argument("--chunk-lines", type=int, default=64, help="records per work unit (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not 0.0 <= a.max_invalid_fraction <= 1.0:
+        p.error(f"--max-invalid-fraction={a.max_invalid_fraction}: must be in [0, 1]")
+    if a.num_workers < 1 or a.chunk_lines < 1:
+        p.error("--num-workers and --chunk-lines must be >= 1")
+    try:
+        report = prepare(a.input, a.image_root, a.output, a.report, num_workers=a.num_workers,
+                         max_invalid_fraction=a.max_invalid_fraction, decode_check=not a.no_decode_check,
+                         max_image_pixels=a.max_image_pixels, prepend_missing_image=a.prepend_missing_image,
+                         chunk_lines=a.chunk_lines, progress=not a.quiet)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+    report_path = a.report or a.output + ".report.json"
+    reasons = ", ".join(f"{k}={v}" for k, v in report["invalid_by_reason"].items()) or "none"
+    logger.info("%d records: %d valid, %d invalid (%s) in %.1f s; report: %s", report["records"], report["valid"],
+                report["invalid"], reasons, report["seconds"], report_path)
+    for item in report["skipped"][:5]:
+        logger.warning("skipped line %d (id %s): %s: %s", item["line"], item["id"], item["reason"], item["message"])
+    if len(report["skipped"]) > 5:
+        logger.warning("... %d more skipped records listed in %s", len(report["skipped"]) - 5, report_path)
+    if report["status"] != "ok":
+        logger.error("%s; nothing written to %s", report["status"], a.output)
+        return 1
+    logger.info("wrote %s", a.output)
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        # Run the package's copy of this module so worker processes can import the functions they run.
+        from recipe.prepare_ai2d import main as _main
+        sys.exit(_main())
+    sys.exit(main())

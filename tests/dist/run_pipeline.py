@@ -1,0 +1,76 @@
+"""Distributed driver for the pipeline tests: PP x DP with EP on synthetic batches, loaded from a plain model.
+
+Launched by tests through torchrun; writes per-step losses (rank 0) to --out as JSON.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from helpers.synthetic import collate, label_count, synthetic_samples  # noqa: E402
+
+from recipe.parallel.dist import init_distributed  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--split", type=str, default=None)
+    p.add_argument("--mbs", type=int, default=1)
+    p.add_argument("--gas", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--act-ckpt", action="store_true")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+
+    rank, world = init_distributed()
+    import deepspeed
+
+    from recipe.model import DeepseekVLV2ForCausalLM
+    from recipe.parallel.pipeline import VL2Pipeline, load_layers, pipe_batch, tensor_source_from_state_dict
+
+    plain = DeepseekVLV2ForCausalLM.from_pretrained(a.ckpt, torch_dtype=torch.float32)
+    cfg = plain.config
+    split = [int(x) for x in a.split.split(",")] if a.split else None
+    module = VL2Pipeline(cfg, num_stages=a.stages, ep_size=a.ep, decoder_split=split,
+                         activation_checkpointing=a.act_ckpt)
+    load_layers(module, tensor_source_from_state_dict(plain.state_dict()))
+    del plain
+    dp = world // a.stages
+    ds_config = {
+        "train_micro_batch_size_per_gpu": a.mbs, "gradient_accumulation_steps": a.gas,
+        "train_batch_size": a.mbs * a.gas * dp, "gradient_clipping": 1.0, "steps_per_print": 1000,
+        "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "zero_optimization": {"stage": a.zero}, "bf16": {"enabled": a.bf16},
+    }
+    params = [q for q in module.parameters() if q.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
+    dp_rank = module.dp_rank
+    G = a.mbs * a.gas * dp
+    samples = synthetic_samples(module.cfg, G * a.steps, a.seed)
+    losses, extras = [], []
+    for step in range(a.steps):
+        chunk = samples[step * G:(step + 1) * G]
+        scale = a.gas * dp / label_count(collate(chunk))
+        micro = [collate(chunk[(m * dp + dp_rank) * a.mbs:(m * dp + dp_rank + 1) * a.mbs]) for m in range(a.gas)]
+        loss = engine.train_batch(iter([pipe_batch(b, scale) for b in micro]))
+        losses.append(float(loss))
+        extras.append({k: float(v) for k, v in (engine.agg_additional_losses or {}).items()})
+    if rank == 0:
+        with open(a.out, "w") as f:
+            json.dump({"losses": losses, "extras": extras}, f)
+
+
+if __name__ == "__main__":
+    main()

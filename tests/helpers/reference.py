@@ -1,0 +1,32 @@
+"""Single-process reference training on the same global batches the distributed tests feed the pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from helpers.synthetic import collate, synthetic_samples
+
+
+def reference_losses(ckpt: str, global_batch: int, steps: int, seed: int = 7, lr: float = 1e-3,
+                     clip: float = 1.0) -> list[float]:
+    """Per-step loss (token-mean CE over the global batch + balance loss) of the plain model trained with
+    torch AdamW, the optimizer DeepSpeed runs with ``torch_adam``."""
+    from recipe.model import DeepseekVLV2ForCausalLM
+
+    model = DeepseekVLV2ForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).train()
+    for name, p in model.named_parameters():
+        if name.startswith("vision.attn_pool."):
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    samples = synthetic_samples(model.config, global_batch * steps, seed)
+    losses = []
+    for step in range(steps):
+        batch = collate(samples[step * global_batch:(step + 1) * global_batch])
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    return losses
