@@ -55,11 +55,17 @@ class DeepSeekGate(nn.Module):
         self.aux_loss_alpha = cfg.aux_loss_alpha
         self.seq_aux = cfg.seq_aux
         self.ep_group = None
-        self.last_load: Optional[torch.Tensor] = None   # tokens per expert of the last call (local), for logs
-        self.last_capacity = 0                           # C of the last call (EP-group max)
+        self.last_capacity = 0                           # C of the last call (EP-group max), for logs
+        self.register_buffer("step_load", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
+
+    def take_step_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last call ([E] int64), and reset the count."""
+        load = self.step_load.clone()
+        self.step_load.zero_()
+        return load
 
     def forward(self, tokens_SD: torch.Tensor, used_token: Optional[torch.Tensor] = None, sparse_routes: bool = True,
                 use_tutel: bool = False):
@@ -71,8 +77,11 @@ class DeepSeekGate(nn.Module):
         capacity = load.max().reshape(1)
         if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
             dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
-        self.last_load = load.detach()
         self.last_capacity = int(capacity)
+        # Routed tokens per expert since the last take_step_load(), for the optional bias-balancing update.
+        # Activation checkpointing replays forwards and so counts every token twice; the update only uses the
+        # sign of (mean load - load), which a uniform factor does not change.
+        self.step_load += load.detach()
         if self.training and self.aux_loss_alpha > 0:
             if used_token is None:
                 used_token = torch.zeros(tokens_SD.shape[0], dtype=torch.long, device=tokens_SD.device)
