@@ -591,7 +591,9 @@ def stage_plan(cfg: VL2Config, infos: Sequence[LayerInfo], topo: Topology, stage
     padded = [(_padded(n, g), g) for n, g in groups]
     trainable = dense_tr + expert_tr_rank
     flat = sum(n for n, _ in padded)
-    weights = 2 * (flat + (dense - dense_tr) + (expert_rank - expert_tr_rank)) + 4 * buffers
+    # + the router's per-expert token counter of every MoE layer (int64, runtime only, not in checkpoints)
+    load_counters = 8 * sum(cfg.language_config.n_routed_experts for l in layers if l.is_moe)
+    weights = 2 * (flat + (dense - dense_tr) + (expert_rank - expert_tr_rank)) + 4 * buffers + load_counters
     lp_grads = 2 * trainable
     accum = topo.grad_accum_bytes * flat
     partition = sum(n // g for n, g in padded)

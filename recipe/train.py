@@ -271,18 +271,25 @@ def summarize(history: list, window: int) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def prepare_run(args: argparse.Namespace, world_size: int) -> tuple[dict, TrainConfig, VL2Config, dict]:
+    """Everything checkable before a process group or a model exists: the JSON, the paths, the model config, the
+    parallel layout and batch arithmetic. Raises ConfigError with a message that says what to change."""
     overrides = {"model_dir": args.model_dir, "train_data": args.train_data, "image_root": args.image_root,
                  "save_dir": args.save_dir, "train_steps": args.train_steps, "resume": args.resume}
+    ds_config, tc = load_run_config(args.deepspeed, overrides)
+    check_paths(tc)
+    cfg = VL2Config.from_json(tc.model_dir)
+    if tc.aux_loss_coef is not None:
+        cfg.language_config.aux_loss_alpha = tc.aux_loss_coef
+    sizes = check_layout(tc, ds_config, cfg, world_size)
+    return ds_config, tc, cfg, sizes
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", 0)))
     try:
-        ds_config, tc = load_run_config(args.deepspeed, overrides)
-        check_paths(tc)
-        cfg = VL2Config.from_json(tc.model_dir)
-        if tc.aux_loss_coef is not None:
-            cfg.language_config.aux_loss_alpha = tc.aux_loss_coef
-        sizes = check_layout(tc, ds_config, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        ds_config, tc, cfg, sizes = prepare_run(args, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         raise SystemExit(2)
@@ -294,6 +301,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(tc.seed)
     result = train(tc, ds_config, cfg, sizes)
     dist.barrier()
+    dist.destroy_process_group()  # a clean exit: gloo threads still running at interpreter exit can abort it
     return result
 
 

@@ -32,3 +32,28 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_ckpt, tmp_path_factory):
+    """(HF dir, converted dir) of a bf16 tiny checkpoint like base (MLA, sigmoid noaux_tc), 42 px tiles."""
+    from recipe.parallel.checkpoint import convert_hf_to_ds
+
+    hf = tiny_ckpt(like="base", image_size=42, dtype="bf16")
+    out = str(tmp_path_factory.mktemp("converted") / "ds")
+    convert_hf_to_ds(hf, out, progress=False)
+    return hf, out
+
+
+@pytest.fixture(scope="session")
+def run_inputs(converted, tmp_path_factory):
+    """Prepared synthetic ai2d data and the converted tiny checkpoint, as train.py reads them."""
+    from recipe.prepare_ai2d import prepare
+    from recipe.tools.make_synthetic_ai2d import make_synthetic_ai2d
+
+    root = tmp_path_factory.mktemp("run")
+    raw = root / "ai2d"
+    make_synthetic_ai2d(str(raw), num=60, seed=1)
+    data = root / "ai2d_dsvl.jsonl"
+    prepare(str(raw / "ai2d_train.jsonl"), str(raw), str(data), progress=False)
+    return {"model_dir": converted[1], "train_data": str(data), "image_root": str(raw), "root": root}

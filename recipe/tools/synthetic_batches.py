@@ -1,5 +1,5 @@
-"""Synthetic tokenised samples and a minimal right-padding collator for tests that need exact control over the
-batches fed to the pipeline and to the single-process reference (the real data path has its own tests)."""
+"""Synthetic tokenised samples and a minimal right-padding collator, for tests and benchmarks that need exact control
+over the batches fed to the pipeline and to a single-process reference (the real data path is recipe.data)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers.synthetic import collate, label_count, synthetic_samples  # noqa: E402
+from recipe.tools.synthetic_batches import collate, label_count, synthetic_samples  # noqa: E402
 
 from recipe.parallel.dist import init_distributed  # noqa: E402
 
@@ -30,6 +30,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--act-ckpt", action="store_true")
+    p.add_argument("--converted", default=None, help="load from this converted directory instead of --ckpt")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -44,7 +45,11 @@ def main():
     split = [int(x) for x in a.split.split(",")] if a.split else None
     module = VL2Pipeline(cfg, num_stages=a.stages, ep_size=a.ep, decoder_split=split,
                          activation_checkpointing=a.act_ckpt)
-    load_layers(module, tensor_source_from_state_dict(plain.state_dict()))
+    if a.converted:
+        from recipe.parallel.loading import load_pretrained
+        load_pretrained(module, a.converted)
+    else:
+        load_layers(module, tensor_source_from_state_dict(plain.state_dict()))
     del plain
     dp = world // a.stages
     ds_config = {
@@ -70,6 +75,8 @@ def main():
     if rank == 0:
         with open(a.out, "w") as f:
             json.dump({"losses": losses, "extras": extras}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo threads alive at interpreter exit can abort the process
 
 
 if __name__ == "__main__":

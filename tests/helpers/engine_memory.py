@@ -37,7 +37,7 @@ def main() -> None:
     from recipe.config import tiny_config
     from recipe.parallel.dist import init_distributed
     from recipe.parallel.pipeline import VL2Pipeline, freeze, pipe_batch
-    from tests.helpers.synthetic import collate, synthetic_samples
+    from recipe.tools.synthetic_batches import collate, synthetic_samples
 
     if os.environ.get("ENGINE_MEMORY_DUMP_AFTER"):  # debugging a hang: print every thread's stack, then exit
         import faulthandler

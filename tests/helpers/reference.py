@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers.synthetic import collate, synthetic_samples
+from recipe.tools.synthetic_batches import collate, synthetic_samples
 
 
 def reference_losses(ckpt: str, global_batch: int, steps: int, seed: int = 7, lr: float = 1e-3,
