@@ -79,8 +79,7 @@ LM_LOSS_CHUNK = 2048            # recipe.parallel.pipeline.VL2Pipeline(lm_loss_c
 ALWAYS_FROZEN = ("vision.attn_pool.",)  # kept for checkpoints, never run: VL2Pipeline freezes it
 FREEZE_GROUPS = ("vision", "projector", "language", "embeddings")
 RELEASED_SIZES = ("tiny", "small", "base")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASED_CONFIG_DIR = os.path.join(_REPO, "tests", "data", "released_configs")
+RELEASED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "released_configs")
 
 
 # =================================================================================================================
@@ -914,8 +913,13 @@ def format_plan(p: Plan) -> str:
                f"{_human(p.train_flops_per_sample, 'FLOP')}.")
     out.append(f"At MFU {p.mfu:.0%} of {p.peak_tflops:g} TFLOPS x {t.world_size} devices: "
                f"{p.samples_per_s:.2f} samples/s, {p.tokens_per_s:,.0f} tokens/s.")
-    out.append(f"The original recipe's {p.reference_sps:g} samples/s on {t.world_size} devices implies MFU "
-               f"{p.reference_mfu:.1%} under the same workload.")
+    if p.reference_sps == ORIGINAL_RECIPE_SPS:
+        if p.total_params == 27_480_134_248 and t.world_size == 32:
+            out.append(f"The original recipe's {p.reference_sps:g} samples/s (base on 4 x 8 Atlas 800T A2) implies "
+                       f"MFU {p.reference_mfu:.1%} under the same workload.")
+    else:
+        out.append(f"{p.reference_sps:g} samples/s on {t.world_size} devices implies MFU {p.reference_mfu:.1%} "
+                   f"under the same workload.")
     for msg in p.warnings:
         out.append(f"WARNING: {msg}")
     if p.suggestions:

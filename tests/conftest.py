@@ -10,7 +10,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASED_CONFIGS = os.path.join(REPO, "tests", "data", "released_configs")
+RELEASED_CONFIGS = os.path.join(REPO, "recipe", "released_configs")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from recipe.plan import (ATLAS_800T_A2_BF16_TFLOPS, GiB, ORIGINAL_RECIPE_SPS, Wo
                          flops_per_sample, main, plan)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASED = os.path.join(REPO, "tests", "data", "released_configs")
+RELEASED = os.path.join(REPO, "recipe", "released_configs")
 EP8 = os.path.join(REPO, "ds_configs", "ep8.json")
 RELEASED_TOTALS = {"tiny": 3_370_501_440, "small": 16_148_349_504, "base": 27_480_134_248}
 

@@ -100,8 +100,8 @@ def stage_parts(cfg: VL2Config, num_stages: int, decoder_split: Optional[Sequenc
     """Layer boundaries per stage, DeepSpeed's ``parts`` (stage s owns layers parts[s] .. parts[s+1]-1).
 
     Stage 0 always holds embed, the ViT and the projector before its decoder layers; the last stage ends with the
-    head. ``decoder_split`` gives the decoder layers per stage (the seed cluster: [13, 17]); without it the split
-    balances the per-stage cost, counting the vision side as decoder-layer equivalents on stage 0.
+    head. ``decoder_split`` gives the decoder layers per stage (the seed cluster: [13, 17]); without it
+    :func:`balanced_decoder_split` evens out the stages' FLOPs.
     """
     L = cfg.language_config.num_hidden_layers
     first = first_decoder_index(cfg)
@@ -137,45 +137,18 @@ def stage_parts(cfg: VL2Config, num_stages: int, decoder_split: Optional[Sequenc
     return parts
 
 
-def balanced_decoder_split(cfg: VL2Config, num_stages: int, vision_share: Optional[float] = None) -> list[int]:
-    """Decoder layers per stage that minimise the costliest stage.
-
-    Cost model: a decoder layer costs 1; the vision tower plus projector on stage 0 cost ``vision_share`` decoder
-    layers (default: their per-sample FLOPs over a decoder layer's, for one 2x2-tiled image per 1024 text tokens).
-    Stages after the first get equal counts; ties go to the lighter stage 0, which also holds the embedding.
+def balanced_decoder_split(cfg: VL2Config, num_stages: int, seq_len: int = 4096, views: int = 10) -> list[int]:
+    """Decoder layers per stage that minimise the costliest stage's forward FLOPs, for samples of ``seq_len``
+    tokens with ``views`` ViT tiles (the planner's FLOPs model: ViT, projector and embedding on stage 0, head on
+    the last), with at least one MoE layer on every stage. For base on 2 stages: [13, 17], the seed cluster's split.
     """
-    L = cfg.language_config.num_hidden_layers
-    if num_stages == 1:
-        return [L]
-    if vision_share is None:
-        vision_share = _vision_cost_in_decoder_layers(cfg)
-    # stage 0 must reach past the dense prefix to hold an MoE layer (see stage_parts)
-    min_first = cfg.language_config.first_k_dense_replace + 1 if cfg.language_config.is_moe else 0
-    best = None
-    for per_stage in range(1, L + 1):
-        first = L - (num_stages - 1) * per_stage
-        if first < min_first:
-            break
-        cost = max(vision_share + first, per_stage)
-        if best is None or cost <= best[0]:
-            best = (cost, first, per_stage)
-    if best is None:
-        raise ConfigError(f"{L} decoder layers cannot fill {num_stages} pipeline stages (each later stage needs one)")
-    _, first, per_stage = best
-    return [first] + [per_stage] * (num_stages - 1)
+    from recipe.plan import Workload, flops_balanced_split, layer_infos  # planner imports this module
 
-
-def _vision_cost_in_decoder_layers(cfg: VL2Config) -> float:
-    v, lc = cfg.vision_config, cfg.language_config
-    vit_tokens = 5 * v.num_patches                 # global view + 2x2 tiles
-    vit_flops = v.layers * vit_tokens * (4 * v.width ** 2 + 2 * v.width * v.mlp_hidden)
-    text_tokens = 1024
-    D = lc.hidden_size
-    attn = 4 * D * D if not lc.use_mla else D * lc.num_attention_heads * (lc.q_head_dim + lc.v_head_dim) * 2
-    ffn = 3 * D * lc.moe_intermediate_size * ((lc.num_experts_per_tok or 0) + (lc.n_shared_experts or 0)) \
-        if lc.is_moe else 3 * D * lc.intermediate_size
-    layer_flops = text_tokens * (attn + ffn)
-    return vit_flops / max(layer_flops, 1)
+    split = flops_balanced_split(cfg, layer_infos(cfg, Workload(1, seq_len, views, 1.0)), num_stages)
+    if split is None:
+        raise ConfigError(f"{cfg.language_config.num_hidden_layers} decoder layers cannot fill {num_stages} pipeline "
+                          f"stages with an MoE layer on each; use fewer stages")
+    return split
 
 
 def ckpt_layer_file(index: int) -> str:
