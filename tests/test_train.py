@@ -50,6 +50,18 @@ def test_converted_checkpoint_loads_into_any_layout(converted, tmp_path, nprocs,
     assert got["losses"] == pytest.approx(want, rel=RTOL)
 
 
+def test_activation_checkpointing_and_freezing(tiny_ckpt, tmp_path):
+    """Non-reentrant recomputation of every ViT block and decoder layer changes no loss; frozen parts stay put and
+    the rest trains exactly like one process with the same parts frozen."""
+    ckpt = tiny_ckpt(like="base", image_size=42)
+    got = run_driver(tmp_path, ckpt, nprocs=4, stages=2, ep=2, steps=3,
+                     extra=["--act-ckpt", "--freeze", "vision,projector"])
+    want = reference_losses(ckpt, global_batch=4, steps=3,
+                            frozen_prefixes=("vision.", "projector.", "image_newline", "view_seperator"))
+    assert got["losses"] == pytest.approx(want, rel=RTOL)
+    assert got["frozen_tensors"] > 30 and got["frozen_changed"] == 0
+
+
 # --- train.py ---------------------------------------------------------------------------------------------------
 
 def losses(save_dir):

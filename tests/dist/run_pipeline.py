@@ -30,6 +30,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--act-ckpt", action="store_true")
+    p.add_argument("--freeze", default="", help="comma-separated parts: vision,projector,language,embeddings")
     p.add_argument("--converted", default=None, help="load from this converted directory instead of --ckpt")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -38,7 +39,7 @@ def main():
     import deepspeed
 
     from recipe.model import DeepseekVLV2ForCausalLM
-    from recipe.parallel.pipeline import VL2Pipeline, load_layers, pipe_batch, tensor_source_from_state_dict
+    from recipe.parallel.pipeline import VL2Pipeline, freeze, load_layers, pipe_batch, tensor_source_from_state_dict
 
     plain = DeepseekVLV2ForCausalLM.from_pretrained(a.ckpt, torch_dtype=torch.float32)
     cfg = plain.config
@@ -51,6 +52,9 @@ def main():
     else:
         load_layers(module, tensor_source_from_state_dict(plain.state_dict()))
     del plain
+    frozen_parts = [x for x in a.freeze.split(",") if x]
+    freeze(module, **{part: True for part in frozen_parts})
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     dp = world // a.stages
     ds_config = {
         "train_micro_batch_size_per_gpu": a.mbs, "gradient_accumulation_steps": a.gas,
@@ -72,9 +76,14 @@ def main():
         loss = engine.train_batch(iter([pipe_batch(b, scale) for b in micro]))
         losses.append(float(loss))
         extras.append({k: float(v) for k, v in (engine.agg_additional_losses or {}).items()})
+    named = dict(module.named_parameters())
+    changed = torch.tensor([float(sum(not torch.equal(named[n].detach().float(), v.float()) for n, v in frozen.items())),
+                            float(len(frozen))])
+    torch.distributed.all_reduce(changed)
     if rank == 0:
         with open(a.out, "w") as f:
-            json.dump({"losses": losses, "extras": extras}, f)
+            json.dump({"losses": losses, "extras": extras, "frozen_changed": int(changed[0]),
+                       "frozen_tensors": int(changed[1])}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # gloo threads alive at interpreter exit can abort the process
 

@@ -8,14 +8,14 @@ from recipe.tools.synthetic_batches import collate, synthetic_samples
 
 
 def reference_losses(ckpt: str, global_batch: int, steps: int, seed: int = 7, lr: float = 1e-3,
-                     clip: float = 1.0) -> list[float]:
+                     clip: float = 1.0, frozen_prefixes: tuple = ()) -> list[float]:
     """Per-step loss (token-mean CE over the global batch + balance loss) of the plain model trained with
     torch AdamW, the optimizer DeepSpeed runs with ``torch_adam``."""
     from recipe.model import DeepseekVLV2ForCausalLM
 
     model = DeepseekVLV2ForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).train()
     for name, p in model.named_parameters():
-        if name.startswith("vision.attn_pool."):
+        if name.startswith(("vision.attn_pool.", *frozen_prefixes)):
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
