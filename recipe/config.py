@@ -41,6 +41,17 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
 
 
+def load_json(path: str, what: str = "config") -> dict:
+    """Read a JSON file; a missing or malformed file is a ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 def _fail(where: str, key: str, value: Any, why: str) -> None:
     raise ConfigError(f"{where}.{key}={value!r}: {why}")
 
@@ -336,13 +347,7 @@ class VL2Config:
         """Read ``config.json`` (a file, or a checkpoint directory holding one)."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = load_json(path, "config")
         try:
             return cls.from_dict(raw, validate=validate)
         except ConfigError as e:
@@ -429,13 +434,7 @@ class ProcessorConfig:
     def from_json(cls, path: str) -> "ProcessorConfig":
         if os.path.isdir(path):
             path = os.path.join(path, "processor_config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such processor config") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = load_json(path, "processor config")
         try:
             return cls.from_dict(raw)
         except ConfigError as e:

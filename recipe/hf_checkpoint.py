@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -18,7 +19,6 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -27,14 +27,9 @@ SHARD_NAME = "model-{index:05d}-of-{total:06d}.safetensors"
 SIDE_FILES = ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "generation_config.json", "chat_template.json")
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 
 
 class CheckpointError(ValueError):
@@ -112,7 +107,7 @@ def tensor_specs(ckpt_dir: str, weight_map: Optional[dict] = None) -> dict:
     for fname in sorted(set(weight_map.values())):
         for key, meta in read_header(os.path.join(ckpt_dir, fname)).items():
             if weight_map.get(key) == fname:
-                specs[key] = (tuple(meta["shape"]), _DTYPES[meta["dtype"]], fname)
+                specs[key] = (tuple(meta["shape"]), DTYPES[meta["dtype"]], fname)
     return specs
 
 
@@ -138,54 +133,77 @@ def iter_tensors(ckpt_dir: str, keys: Optional[Iterable[str]] = None,
             raise CheckpointError(f"{path}: cannot read ({e})") from None
 
 
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+_ST_DTYPE = {v: k for k, v in DTYPES.items()}  # torch dtype -> safetensors name
 
 
-def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes,
-                  on_tensor: Optional[Callable[[str, torch.Tensor], None]] = None) -> dict:
-    """Stream ``(name, tensor)`` pairs into released-style shards plus the index; returns the weight map.
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
 
-    Tensors are written in the order given; a shard is closed when the next tensor would push it past
-    ``max_shard_bytes``. Only one shard's tensors are held at a time. Shards get their final
-    ``-of-NNNNNN`` names once the count is known.
+
+def spec_nbytes(spec: tuple) -> int:
+    """Bytes of a (shape, dtype) tensor spec."""
+    shape, dtype = spec
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(specs: dict, max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, in order: a shard closes when the next tensor would push it past the limit (a tensor
+    larger than the limit gets a shard of its own)."""
+    shards, cur, cur_bytes = [], [], 0
+    for name, spec in specs.items():
+        n = spec_nbytes(spec)
+        if cur and cur_bytes + n > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(name)
+        cur_bytes += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def write_hf_shards(specs: dict, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int,
+                    on_tensor: Optional[Callable[[str, int], None]] = None) -> "OrderedDict[str, str]":
+    """Stream tensors into released-style safetensors shards + ``model.safetensors.index.json``.
+
+    ``specs`` (name -> (shape, dtype), in the order ``tensors`` yields them) fixes every shard's header up front, so
+    each header is written first and each tensor goes to disk as it arrives: memory stays at one tensor (plus
+    whatever the source maps), never a shard or the model. Returns the weight map.
     """
-    limit = parse_size(max_shard_bytes)
-    os.makedirs(out_dir, exist_ok=True)
-    parts: list[tuple[str, list[str]]] = []
-    pending: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    pending_bytes = total = 0
-
-    def flush():
-        nonlocal pending, pending_bytes
-        if not pending:
-            return
-        tmp = os.path.join(out_dir, f".part-{len(parts):05d}.safetensors")
-        save_file({k: v.contiguous() for k, v in pending.items()}, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, _FILE_MODE)  # the writer creates 0600 files; give shards the usual mode
-        parts.append((tmp, list(pending)))
-        pending, pending_bytes = OrderedDict(), 0
-
-    for name, tensor in tensors:
-        if name in pending or any(name in keys for _, keys in parts):
-            raise CheckpointError(f"tensor {name!r} written twice")
-        nbytes = tensor_nbytes(tensor)
-        if pending and pending_bytes + nbytes > limit:
-            flush()
-        pending[name] = tensor
-        pending_bytes += nbytes
-        total += nbytes
-        if on_tensor is not None:
-            on_tensor(name, tensor)
-    flush()
-    weight_map = OrderedDict()
-    for i, (tmp, keys) in enumerate(parts):
-        final = SHARD_NAME.format(index=i + 1, total=len(parts))
-        os.replace(tmp, os.path.join(out_dir, final))
-        weight_map.update((k, final) for k in keys)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    shards = plan_shards(specs, max_shard_bytes)
+    weight_map: "OrderedDict[str, str]" = OrderedDict()
+    it = iter(tensors)
+    for i, names in enumerate(shards):
+        fname = SHARD_NAME.format(index=i + 1, total=len(shards))
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            shape, dtype = specs[name]
+            n = spec_nbytes(specs[name])
+            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
+        with open(os.path.join(out_dir, fname), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name in names:
+                got, t = next(it, (None, None))
+                shape, dtype = specs[name]
+                if got != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise CheckpointError(f"writing shards: expected tensor {name!r} {dtype_name(dtype)} {list(shape)}, the "
+                                          f"source gave {got!r}" + ("" if t is None else
+                                                                    f" {dtype_name(t.dtype)} {list(t.shape)}"))
+                flat = t.detach().contiguous().reshape(-1)
+                if flat.numel():
+                    f.write(memoryview(flat.view(torch.uint8).numpy()))
+                if on_tensor is not None:
+                    on_tensor(name, flat.numel() * flat.element_size())
+                weight_map[name] = fname
+    if next(it, None) is not None:
+        raise CheckpointError("writing shards: the source gave more tensors than planned")
+    total = sum(spec_nbytes(spec) for spec in specs.values())
     with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         f.write("\n")
     return weight_map
 

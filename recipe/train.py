@@ -293,10 +293,8 @@ def main(argv=None) -> dict:
     except ConfigError as e:
         logger.error("configuration error: %s", e)
         raise SystemExit(2)
-    from recipe.accelerator import import_npu_if_needed
     from recipe.parallel.dist import init_distributed
 
-    import_npu_if_needed()
     init_distributed()
     torch.manual_seed(tc.seed)
     result = train(tc, ds_config, cfg, sizes)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from recipe.config import ConfigError, VL2Config
+from recipe.config import ConfigError, VL2Config, load_json
 from recipe.parallel import layout
 
 RECIPE_KEY = "recipe"
@@ -116,13 +115,7 @@ def load_run_config(path: str, overrides: Optional[dict] = None) -> tuple[dict, 
 
     ``overrides`` (from the command line) replace recipe keys whose value is not None.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such DeepSpeed config") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    raw = load_json(path, "DeepSpeed config")
     if RECIPE_KEY not in raw:
         raise ConfigError(f"{path}: no \"{RECIPE_KEY}\" block; it holds model_dir, train_data, image_root, ... "
                           f"(see ds_configs/README.md)")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from recipe.config import VL2Config
-from recipe.hf_checkpoint import CheckpointError, iter_tensors, load_weight_map, parse_size, write_sharded
+from recipe.hf_checkpoint import CheckpointError, iter_tensors, load_weight_map, parse_size, write_hf_shards
 from recipe.model.language import DeepseekV2ForCausalLM
 from recipe.model.loss import causal_lm_loss
 from recipe.model.projector import MlpProjector
@@ -223,5 +223,6 @@ class DeepseekVLV2ForCausalLM(nn.Module):
         """Write ``config.json``, released-style safetensors shards and ``model.safetensors.index.json``."""
         os.makedirs(path, exist_ok=True)
         self.config.save_json(os.path.join(path, "config.json"))
-        state = self.state_dict()
-        write_sharded(((k, v.detach().cpu()) for k, v in state.items()), path, parse_size(max_shard_size))
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        write_hf_shards(specs, state.items(), path, parse_size(max_shard_size))

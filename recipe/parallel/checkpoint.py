@@ -30,7 +30,6 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -42,8 +41,9 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import torch
 
 from recipe.config import VL2Config
-from recipe.hf_checkpoint import (INDEX_NAME, SHARD_NAME, SINGLE_NAME, CheckpointError, _DTYPES, atomic_output_dir,
-                                  copy_side_files, load_weight_map, parse_size, read_header)
+from recipe.hf_checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointError, DTYPES, atomic_output_dir, copy_side_files,
+                                  dtype_name, load_weight_map, parse_size, read_header, spec_nbytes,
+                                  write_hf_shards)
 from recipe.parallel import layout as L
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,6 @@ def parse_dtype(dtype: DtypeArg) -> Optional[torch.dtype]:
     if key not in _DTYPE_ALIASES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPE_ALIASES)}")
     return _DTYPE_ALIASES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -216,12 +212,12 @@ def scan_hf(hf_dir: str) -> tuple["OrderedDict[str, str]", dict]:
             if weight_map.get(name) != fname:
                 continue  # a tensor the index places elsewhere (or nowhere) is not part of the checkpoint
             try:
-                dtype = _DTYPES[meta["dtype"]]
+                dtype = DTYPES[meta["dtype"]]
                 shape = tuple(int(s) for s in meta["shape"])
                 begin, end = (int(x) for x in meta["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {meta!r}") from None
-            need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            need = spec_nbytes((shape, dtype))
             if end - begin != need or begin < 0:
                 raise CheckpointError(f"{path}: corrupt header: tensor {name!r} spans {end - begin} bytes, "
                                       f"its shape {list(shape)} in {meta['dtype']} needs {need}")
@@ -368,7 +364,7 @@ def convert_hf_to_ds(hf_dir: str, out_dir: str, dtype: DtypeArg = None, overwrit
 def _out_nbytes(s: _Source, dtype: Optional[torch.dtype]) -> int:
     if dtype is None or not s.dtype.is_floating_point:
         return s.nbytes
-    return math.prod(s.shape) * torch.empty((), dtype=dtype).element_size()
+    return spec_nbytes((s.shape, dtype))
 
 
 def _write_layer(hf_dir: str, out_dir: str, fname: str, sources: list, dtype: Optional[torch.dtype],
@@ -811,7 +807,7 @@ def export_to_hf(src_dir: str, out_dir: str, dtype: DtypeArg = torch.bfloat16,
         stored = {k: (ckpt.refs[k].shape, ckpt.refs[k].dtype) for k in ckpt.order}
         stream, side_dir = iter(ckpt), ckpt.side_dir
     specs = OrderedDict((k, (shape, _out_dtype(d, dtype))) for k, (shape, d) in stored.items())
-    total = sum(_spec_nbytes(spec) for spec in specs.values())
+    total = sum(spec_nbytes(spec) for spec in specs.values())
     logger.info("exporting %s checkpoint %s -> %s (%d tensors, %.2f GB, dtype %s)", kind, src_dir, out_dir,
                 len(specs), total / 1e9, dtype_name(dtype) if dtype else "kept")
     bar = _progress(total, len(specs), "ds->hf", progress)
@@ -846,76 +842,6 @@ def _check_manifest_layers(manifest: dict, cfg: VL2Config, ds_dir: str) -> None:
             if not layer.owns(name):
                 raise CheckpointError(f"{os.path.join(ds_dir, entry['file'])}: tensor {name!r} does not belong to "
                                       f"pipeline layer {layer.index} ({layer.kind})")
-
-
-# Reverse of hf_checkpoint's safetensors dtype table.
-_ST_DTYPE = {v: k for k, v in _DTYPES.items()}
-
-
-def _spec_nbytes(spec: tuple) -> int:
-    shape, dtype = spec
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def plan_shards(specs: dict, max_shard_bytes: int) -> list[list[str]]:
-    """Tensor names per shard, in order: a shard closes when the next tensor would push it past the limit (the
-    rule of ``hf_checkpoint.write_sharded``; a tensor larger than the limit gets a shard of its own)."""
-    shards, cur, cur_bytes = [], [], 0
-    for name, spec in specs.items():
-        n = _spec_nbytes(spec)
-        if cur and cur_bytes + n > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(name)
-        cur_bytes += n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
-def write_hf_shards(specs: dict, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int,
-                    on_tensor: Optional[Callable[[str, int], None]] = None) -> "OrderedDict[str, str]":
-    """Stream tensors into released-style safetensors shards + ``model.safetensors.index.json``.
-
-    Unlike ``hf_checkpoint.write_sharded`` this knows every shape and dtype up front (``specs``: name ->
-    (shape, dtype), in the order ``tensors`` yields them), so each shard's header is written first and each tensor
-    goes to disk as it arrives: memory stays at one tensor (plus whatever the source maps), not one shard.
-    """
-    shards = plan_shards(specs, max_shard_bytes)
-    weight_map: "OrderedDict[str, str]" = OrderedDict()
-    it = iter(tensors)
-    for i, names in enumerate(shards):
-        fname = SHARD_NAME.format(index=i + 1, total=len(shards))
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name in names:
-            shape, dtype = specs[name]
-            n = _spec_nbytes(specs[name])
-            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
-        with open(os.path.join(out_dir, fname), "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for name in names:
-                got, t = next(it, (None, None))
-                shape, dtype = specs[name]
-                if got != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise CheckpointError(f"export: expected tensor {name!r} {dtype_name(dtype)} {list(shape)}, the "
-                                          f"source gave {got!r}" + ("" if t is None else
-                                                                    f" {dtype_name(t.dtype)} {list(t.shape)}"))
-                flat = t.detach().contiguous().reshape(-1)
-                if flat.numel():
-                    f.write(memoryview(flat.view(torch.uint8).numpy()))
-                if on_tensor is not None:
-                    on_tensor(name, flat.numel() * flat.element_size())
-                weight_map[name] = fname
-    if next(it, None) is not None:
-        raise CheckpointError("export: the source gave more tensors than planned")
-    total = sum(_spec_nbytes(spec) for spec in specs.values())
-    with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        f.write("\n")
-    return weight_map
 
 
 def _out_dtype(stored: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:

@@ -19,9 +19,10 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed.comm.torch  # noqa: F401  (the module object is patched below)
     from deepspeed.accelerator import get_accelerator
 
+    from recipe.accelerator import import_npu_if_needed
+
+    import_npu_if_needed()  # torch_npu registers the NPU device with torch (optional extra; NPU only)
     accel = get_accelerator()
-    if accel.device_name() == "npu":
-        import torch_npu  # noqa: F401  (registers the NPU device with torch; optional extra)
     if accel.device_name() == "cpu":
         # DeepSpeed compiles a shared-memory all-reduce for CPU inference inside init_distributed (~50 s with g++ on
         # a fresh machine). Training never calls it; skip the build.
