@@ -70,7 +70,8 @@ def losses(save_dir):
 
 def test_resume_continues_with_the_same_samples_and_losses(run_inputs, tmp_path):
     full = tmp_path / "full"
-    deepspeed_launch(4, ["--deepspeed", write_config(tmp_path / "full.json", run_inputs, full)],
+    monitor = {"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "full"}}
+    deepspeed_launch(4, ["--deepspeed", write_config(tmp_path / "full.json", run_inputs, full, ds=monitor)],
                      str(tmp_path / "full.log"))
     split = tmp_path / "split"
     cfg = write_config(tmp_path / "split.json", run_inputs, split, save_interval=3)
@@ -85,6 +86,11 @@ def test_resume_continues_with_the_same_samples_and_losses(run_inputs, tmp_path)
     log = json.loads(open(split / "train_log.jsonl").readlines()[-1])
     for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding_ratio", "ce", "aux", "step_time"):
         assert log[key] is not None, key
+    # the same figures went to DeepSpeed's CSV monitor, one file per series
+    for series in ("loss", "ce", "aux", "lr", "tokens_per_s", "padding_ratio"):
+        rows = open(tmp_path / "monitor" / "full" / f"Train_{series}.csv").read().strip().splitlines()
+        assert len(rows) == 1 + 6, series  # header + one row per step
+    assert "SPS" in open(tmp_path / "full.log").read() and "TPS" in open(tmp_path / "full.log").read()
 
 
 @pytest.mark.parametrize("recipe, message", [
