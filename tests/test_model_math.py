@@ -88,16 +88,26 @@ def test_attention_mask_from_segments_padding_and_packing():
     assert m[0, 4].tolist() == [False, False, False, True, True]  # padding sees only padding
     assert m[1, 3].tolist() == [False, False, True, True, False]  # a packed segment restarts
     assert build_attention_mask(torch.ones(2, 5, dtype=torch.long)) is None  # plain causal
+    # one segment + right padding: causal attention already keeps real tokens off the padding
+    assert build_attention_mask(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])) is None
+    assert build_attention_mask(torch.tensor([[0, 1, 1, 1, 1]])) is not None  # left padding needs the mask
 
 
-def test_right_padding_does_not_change_real_tokens():
+def test_right_padding_and_packing_do_not_change_real_tokens():
     lc = tiny_config("base").language_config
     attn = MultiHeadLatentAttention(lc).eval()
-    x = torch.randn(1, 5, lc.hidden_size)
+    x, y = torch.randn(1, 5, lc.hidden_size), torch.randn(1, 4, lc.hidden_size)
+    alone_x = attn(x, torch.arange(5)[None], None)
     padded = torch.cat([x, torch.randn(1, 3, lc.hidden_size)], 1)
     seg = torch.tensor([[1] * 5 + [0] * 3])
     full = attn(padded, torch.arange(8)[None], build_attention_mask(seg))
-    torch.testing.assert_close(full[:, :5], attn(x, torch.arange(5)[None], None), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(full[:, :5], alone_x, rtol=1e-6, atol=1e-6)
+    packed = torch.cat([x, y], 1)  # two samples in one row: positions restart, attention stays in its segment
+    seg = torch.tensor([[1] * 5 + [2] * 4])
+    pos = torch.tensor([list(range(5)) + list(range(4))])
+    out = attn(packed, pos, build_attention_mask(seg))
+    torch.testing.assert_close(out[:, :5], alone_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[:, 5:], attn(y, torch.arange(4)[None], None), rtol=1e-6, atol=1e-6)
 
 
 # --- router -----------------------------------------------------------------------------------------------------

@@ -19,15 +19,18 @@ from recipe.model import ops
 
 
 def build_attention_mask(segment_ids_BT: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Causal mask restricted to equal segment ids: [B, T] -> [B, 1, T, T] bool, or None when there is a single
-    segment and no padding (plain causal attention).
+    """Causal mask restricted to equal segment ids: [B, T] -> [B, 1, T, T] bool, or None when plain causal
+    attention gives the same result for every real token.
 
     Real tokens attend to earlier tokens of their own segment; padding (id 0) attends to earlier padding only, so
-    no row is empty (its outputs are never used).
+    no row is empty (its outputs are never used). One segment per row followed by right padding needs no mask:
+    causality already keeps real tokens off the padding after them, and ``None`` lets fused (flash) kernels run.
     """
     if segment_ids_BT is None:
         return None
-    if bool((segment_ids_BT == segment_ids_BT[:, :1]).all()):
+    single_segment_right_padded = bool((segment_ids_BT <= 1).all()) and bool(
+        (segment_ids_BT[:, 1:] <= segment_ids_BT[:, :-1]).all())
+    if single_segment_right_padded:
         return None
     T = segment_ids_BT.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
