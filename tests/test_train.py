@@ -41,6 +41,16 @@ def test_pp2_dp2_ep2_matches_single_process(tiny_ckpt, tmp_path, like):
         assert extra["aux"] > 0
 
 
+def test_four_stages_match_single_process(tiny_ckpt, tmp_path):
+    """Middle stages both receive activations and send gradients (a DeepSpeed buffer-reuse trap: see the tuple
+    order in recipe/parallel/pipeline.py); PP=4 must still give the single-process losses."""
+    ckpt = tiny_ckpt(like="base", image_size=42, num_hidden_layers=5)
+    got = run_driver(tmp_path, ckpt, nprocs=4, stages=4, ep=1, steps=3, gas=4)
+    want = reference_losses(ckpt, global_batch=4, steps=3)
+    assert got["losses"] == pytest.approx(want, rel=RTOL)
+    assert all(e["grad_norm"] < 100 for e in got["extras"])
+
+
 @pytest.mark.parametrize("nprocs, stages, ep", [(2, 1, 1), (2, 1, 2), (2, 2, 1), (4, 2, 2)])
 def test_converted_checkpoint_loads_into_any_layout(converted, tmp_path, nprocs, stages, ep):
     hf, ds = converted

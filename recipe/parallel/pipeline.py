@@ -6,10 +6,13 @@ built from the plain model's parts, and its state_dict uses the local names ``la
 What travels through the pipe:
 - stage 0 input (from the data iterator): ``(input_ids, images, images_seq_mask, images_spatial_crop,
   position_ids, segment_ids)``; inside stage 0 the ViT activations travel beside the text embeddings.
-- between stages, after the projector: ``(hidden [B,T,D] float, position_ids [B,T] int64, segment_ids [B,T]
-  int64, aux fp32 scalar)``. Integer tensors get no gradient (DeepSpeed requires a gradient for every float it
+- between stages, after the projector: ``(hidden [B,T,D] float, aux fp32 scalar, position_ids [B,T] int64,
+  segment_ids [B,T] int64)``. Integer tensors get no gradient (DeepSpeed requires a gradient for every float it
   sends); ``aux`` is the running MoE balance loss, part of the graph from stage 0 on, so the balance gradient of
-  early layers flows back through the pipe.
+  early layers flows back through the pipe. The floats come first on purpose: DeepSpeed 0.19 keeps one receive
+  buffer per tuple position and reuses it for the gradients of the float outputs whatever its dtype, so a middle
+  stage (PP >= 3) with ``(hidden, positions, ..., aux)`` would receive aux's gradient into the int64 positions
+  buffer (its float bits read as an integer).
 - last stage labels (from the data iterator): ``(labels [B,T] int64, ce_scale fp32 scalar)``, where ce_scale
   normalises the summed token cross-entropy so that the engine's average over micro-batches and data-parallel
   ranks is the mean over every labelled token of the global batch, as one process would compute it.
@@ -100,7 +103,7 @@ class ProjectorPipe(nn.Module):
             hidden = embeds.masked_scatter(images_seq_mask.bool()[..., None], torch.cat(tokens).to(embeds.dtype))
         else:
             hidden = embeds + _zero_dependency(feats, self.image_newline, self.view_seperator).to(embeds.dtype)
-        return hidden, position_ids, segment_ids, aux
+        return hidden, aux, position_ids, segment_ids
 
 
 class DecoderPipe(DecoderLayer):
@@ -111,11 +114,11 @@ class DecoderPipe(DecoderLayer):
         super().__init__(cfg.language_config, layer_idx, moe_factory=lambda lc: ExpertParallelMoE(lc, ep_size))
 
     def forward(self, x):
-        hidden, position_ids, segment_ids, aux = x
+        hidden, aux, position_ids, segment_ids = x
         hidden, layer_aux = super().forward(hidden, position_ids, build_attention_mask(segment_ids), segment_ids)
         if layer_aux is not None:
             aux = aux + layer_aux
-        return hidden, position_ids, segment_ids, aux
+        return hidden, aux, position_ids, segment_ids
 
 
 class HeadPipe(nn.Module):
@@ -128,7 +131,7 @@ class HeadPipe(nn.Module):
         self.lm_head = nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)
 
     def forward(self, x):
-        hidden, _, _, aux = x
+        hidden, aux, _, _ = x
         return self.norm(hidden), aux
 
 

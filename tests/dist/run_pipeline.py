@@ -76,6 +76,7 @@ def main():
         loss = engine.train_batch(iter([pipe_batch(b, scale) for b in micro]))
         losses.append(float(loss))
         extras.append({k: float(v) for k, v in (engine.agg_additional_losses or {}).items()})
+        extras[-1]["grad_norm"] = float(engine.get_global_grad_norm() or 0)
     named = dict(module.named_parameters())
     changed = torch.tensor([float(sum(not torch.equal(named[n].detach().float(), v.float()) for n, v in frozen.items())),
                             float(len(frozen))])
