@@ -100,17 +100,6 @@ def load_weight_map(ckpt_dir: str, check_files: bool = True) -> "OrderedDict[str
     raise CheckpointError(f"{ckpt_dir}: no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
 
 
-def tensor_specs(ckpt_dir: str, weight_map: Optional[dict] = None) -> dict:
-    """Tensor name -> (shape tuple, torch dtype, shard file) from the shard headers, without reading data."""
-    weight_map = weight_map or load_weight_map(ckpt_dir)
-    specs = {}
-    for fname in sorted(set(weight_map.values())):
-        for key, meta in read_header(os.path.join(ckpt_dir, fname)).items():
-            if weight_map.get(key) == fname:
-                specs[key] = (tuple(meta["shape"]), DTYPES[meta["dtype"]], fname)
-    return specs
-
-
 def iter_tensors(ckpt_dir: str, keys: Optional[Iterable[str]] = None,
                  weight_map: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) shard by shard (one shard open at a time), for ``keys`` or every tensor."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from recipe.config import tiny_config
+from recipe.model import ops
 from recipe.model.attention import MultiHeadAttention, MultiHeadLatentAttention, build_attention_mask
 from recipe.model.moe import (DeepseekV2MoE, balance_groups, dispatch_local, load_balance_loss, routing_weights,
                               select_experts)
@@ -258,3 +259,11 @@ def test_layout_image_order_newlines_and_separator():
         assert row[:-1] == [(ti * tw + tj) * 10 + a * h + b for tj in range(tw) for b in range(h)]
     tail = layout_image(glob, local, tw, th, nl, sep, global_first=False)[:, 0].tolist()
     assert tail[-7:] == [-2, 100, 101, -1, 102, 103, -1]
+
+
+def test_fused_attention_matches_the_eager_reference():
+    q, k = torch.randn(2, 3, 7, 12), torch.randn(2, 3, 7, 12)
+    v = torch.randn(2, 3, 7, 8)  # MLA-style: value width differs from query/key width
+    torch.testing.assert_close(ops.attention(q, k, v, None, 0.3), ops.attention_reference(q, k, v, None, 0.3))
+    mask = build_attention_mask(torch.tensor([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(ops.attention(q, k, v, mask, 0.3), ops.attention_reference(q, k, v, mask, 0.3))

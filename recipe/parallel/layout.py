@@ -92,6 +92,18 @@ def parse_expert_key(hf_key: str) -> Optional[tuple[int, int, str]]:
     return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
 
 
+def keys_for_rank(keys, layer: PipeLayer, expert_ids) -> list[str]:
+    """The keys ``layer`` owns, keeping routed experts only when their global id is in ``expert_ids``."""
+    keep = set(expert_ids)
+    out = []
+    for k in keys:
+        if layer.owns(k):
+            parsed = parse_expert_key(k)
+            if parsed is None or parsed[1] in keep:
+                out.append(k)
+    return out
+
+
 def first_decoder_index(cfg: VL2Config) -> int:
     return cfg.vision_config.layers + 2
 

@@ -29,14 +29,7 @@ def hf_source(hf_dir: str) -> Callable:
     weight_map = load_weight_map(hf_dir)
 
     def fetch(layer: L.PipeLayer, expert_ids):
-        keep = set(expert_ids)
-        keys = []
-        for k in weight_map:
-            if layer.owns(k):
-                parsed = L.parse_expert_key(k)
-                if parsed is None or parsed[1] in keep:
-                    keys.append(k)
-        return dict(iter_tensors(hf_dir, keys, weight_map=weight_map))
+        return dict(iter_tensors(hf_dir, L.keys_for_rank(weight_map, layer, expert_ids), weight_map=weight_map))
     return fetch
 
 

@@ -252,16 +252,7 @@ def freeze(module: nn.Module, vision: bool = False, projector: bool = False, lan
 def tensor_source_from_state_dict(state_dict: dict) -> Callable:
     """A layer-tensor source over a full HF-named state dict (tests, and loading a plain model)."""
     def fetch(layer: L.PipeLayer, expert_ids: Sequence[int]) -> dict:
-        keep = set(expert_ids)
-        out = {}
-        for k, v in state_dict.items():
-            if not layer.owns(k):
-                continue
-            parsed = L.parse_expert_key(k)
-            if parsed is not None and parsed[1] not in keep:
-                continue
-            out[k] = v
-        return out
+        return {k: state_dict[k] for k in L.keys_for_rank(state_dict, layer, expert_ids)}
     return fetch
 
 
