@@ -12,14 +12,21 @@ Output, one per line, in input order:
 Each image is listed once, on the user turn that holds its <image> placeholder; a system turn stays "system".
 "image_sizes" is written when images were decoded (the default).
 
-Validation (reason codes in the report): invalid_json, not_an_object, missing_key, bad_type, unknown_role,
+Validation (reason codes in the report): invalid_json, not_an_object, missing_key, bad_type (a field of the wrong
+JSON type: an 'id' that is not a string or an integer, a 'from' or 'value' that is not a string, ...), unknown_role,
 bad_turn_order (optional system first, then human/gpt alternating, starting with human, ending with gpt),
 empty_turn, placeholder_in_answer (<image> outside user turns), placeholder_mismatch (<image> count != images),
 bad_path / path_escape (absolute, '..', or resolving outside the image root), missing_file, undecodable_image
 (truncated, zero-byte, not an image), image_too_large (over --max-image-pixels: decompression-bomb guard),
-empty_image. Skipped records are counted by reason and listed (line number, id, message) in the report
-(default: OUTPUT.report.json). The run fails (exit code 1, no output written) when more than
---max-invalid-fraction of the records are invalid.
+empty_image, too_deep (JSON nested more than 64 levels, MAX_JSON_DEPTH, anywhere in the line), bad_text (the line is
+not valid UTF-8, or a string that would be written holds a lone surrogate such as \\ud800, which UTF-8 cannot
+encode), line_too_long (over --max-line-bytes; the line is skipped without being held in memory),
+conversion_error (any other failure while converting the record: it is reported, the run goes on). Skipped
+records are counted by reason and listed (line number, id, message) in the report (default:
+OUTPUT.report.json). The run fails (exit code 1, no output written) when more than --max-invalid-fraction of
+the records are invalid. Blank lines are counted apart; a UTF-8 byte-order mark and CRLF line ends are accepted.
+An output or report path that cannot be written (e.g. under a regular file) is an error (exit code 2) before any
+work is done.
 
 The input is streamed in chunks (memory does not grow with its size) through --num-workers processes; the output
 and the report are written to temporary files and renamed into place, so an interrupted run leaves no partial
@@ -32,6 +39,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -58,7 +66,15 @@ logger = logging.getLogger("prepare_ai2d")
 ROLE_MAP = {"human": USER_ROLE, "gpt": ASSISTANT_ROLE, "system": SYSTEM_ROLE}
 REASONS = ("invalid_json", "not_an_object", "missing_key", "bad_type", "unknown_role", "bad_turn_order",
            "empty_turn", "placeholder_in_answer", "placeholder_mismatch", "bad_path", "path_escape",
-           "missing_file", "undecodable_image", "image_too_large", "empty_image")
+           "missing_file", "undecodable_image", "image_too_large", "empty_image", "too_deep", "bad_text",
+           "line_too_long", "conversion_error")
+# A record needs 3 levels ({"conversations": [{...}]}); deeper nesting anywhere in a line is refused, the same way
+# in every process (json's own limit is the interpreter's recursion limit, which depends on the caller's stack).
+MAX_JSON_DEPTH = 64
+MAX_LINE_BYTES = 16 << 20  # longer lines are reported (line_too_long), never read into memory whole
+MAX_MESSAGE_CHARS = 1000  # report messages are clipped to this
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # the only code points UTF-8 cannot encode
+_BOM = b"\xef\xbb\xbf"
 
 
 class Invalid(Exception):
@@ -76,6 +92,75 @@ class Options:
     decode_check: bool = True
     max_image_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     prepend_missing_image: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
+
+
+# --- hostile input helpers ----------------------------------------------------------------------------------
+def _short(value: str, limit: int = 80) -> str:
+    """repr() of a string, clipped (repr escapes lone surrogates and control characters)."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _check_text(value: str, where: str) -> None:
+    """Raise Invalid(bad_text) when ``value`` holds a lone surrogate (json accepts "\\ud800"; UTF-8 cannot encode
+    it, so the output write would fail)."""
+    m = _SURROGATE.search(value)
+    if m:
+        raise Invalid("bad_text", f"{where} holds the lone surrogate U+{ord(m.group()):04X} (character {m.start()}), "
+                                  f"which cannot be written as UTF-8")
+
+
+def _safe_text(value: str) -> str:
+    """``value`` with lone surrogates written as \\uXXXX escapes, so the report can always be written as UTF-8."""
+    if _SURROGATE.search(value):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message):,} characters)"
+
+
+def _nested_deeper(value, limit: int) -> bool:
+    """Whether JSON containers nest more than ``limit`` levels in ``value`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def parse_line(raw, opts: Options):
+    """One raw input line (bytes, or its length when it was too long to read) -> the parsed JSON value, or raise
+    :class:`Invalid` (line_too_long, bad_text, invalid_json, too_deep)."""
+    if isinstance(raw, int):
+        raise Invalid("line_too_long", f"the line is {raw:,} bytes long, over the limit of {opts.max_line_bytes:,} "
+                                       f"(--max-line-bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Invalid("bad_text", f"the line is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                                  f"({e.reason})") from None
+    too_deep = Invalid("too_deep", f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        value = json.loads(text)
+    except RecursionError:  # json's C parser stops at the interpreter's recursion limit (about 1000 levels)
+        raise too_deep from None
+    except ValueError as e:  # JSONDecodeError, and e.g. an integer over Python's 4300-digit conversion limit
+        raise Invalid("invalid_json", f"not valid JSON: {e}") from None
+    # Cheap bound first: a line with at most MAX_JSON_DEPTH brackets cannot nest deeper; only others are walked.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nested_deeper(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
 
 
 # --- one record ---------------------------------------------------------------------------------------------
@@ -85,12 +170,15 @@ def _image_list(record: dict) -> list:
     if "image" in record:
         if not isinstance(record["image"], str):
             raise Invalid("bad_type", f"'image' must be a string path, got {type(record['image']).__name__}")
+        _check_text(record["image"], "'image'")
         return [record["image"]]
     images = record.get("images", [])
     if images is None:
         return []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise Invalid("bad_type", "'images' must be a list of string paths")
+    for i, path in enumerate(images):
+        _check_text(path, f"images[{i}]")
     return list(images)
 
 
@@ -110,9 +198,13 @@ def _turns(record: dict) -> list:
                 raise Invalid("missing_key", f"conversations[{t}] has no '{key}'")
         if not isinstance(turn["value"], str):
             raise Invalid("bad_type", f"conversations[{t}].value must be a string")
+        if not isinstance(turn["from"], str):
+            raise Invalid("bad_type", f"conversations[{t}].from must be a string, got "
+                                      f"{type(turn['from']).__name__}")
         if turn["from"] not in ROLE_MAP:
-            raise Invalid("unknown_role", f"conversations[{t}].from={turn['from']!r}; expected one of "
+            raise Invalid("unknown_role", f"conversations[{t}].from={_short(turn['from'])}; expected one of "
                                           f"{sorted(ROLE_MAP)}")
+        _check_text(turn["value"], f"conversations[{t}].value")
         turns.append((ROLE_MAP[turn["from"]], turn["value"]))
     body = turns[1:] if turns[0][0] == SYSTEM_ROLE else turns
     for t, (role, _) in enumerate(body):
@@ -139,8 +231,10 @@ def convert_record(record, opts: Options) -> tuple[dict, bool]:
         raise Invalid("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     if "id" not in record:
         raise Invalid("missing_key", "no 'id'")
-    if not isinstance(record["id"], (str, int)):
-        raise Invalid("bad_type", "'id' must be a string or an integer")
+    if not _is_id(record["id"]):
+        raise Invalid("bad_type", f"'id' must be a string or an integer, got {type(record['id']).__name__}")
+    if isinstance(record["id"], str):
+        _check_text(record["id"], "'id'")
     images = _image_list(record)
     turns = _turns(record)
     n_placeholders = sum(v.count(IMAGE_TOKEN) for r, v in turns if r == USER_ROLE)
@@ -162,7 +256,9 @@ def convert_record(record, opts: Options) -> tuple[dict, bool]:
             if opts.decode_check:
                 sizes.append(list(check_image(full, opts.max_image_pixels)))
         except ImageLoadError as e:
-            raise Invalid(e.reason, f"image {rel!r}: {e.detail}") from None
+            raise Invalid(e.reason, f"image {_short(rel, 200)}: {e.detail}") from None
+        except (OSError, ValueError) as e:  # e.g. a name too long for the file system
+            raise Invalid("bad_path", f"image {_short(rel, 200)}: cannot be checked: {e}") from None
     conversations, used = [], 0
     for role, value in turns:
         msg = {"role": role, "content": value}
@@ -178,36 +274,63 @@ def convert_record(record, opts: Options) -> tuple[dict, bool]:
 
 
 def process_chunk(first_line: int, lines: list, opts: Options) -> list:
-    """Worker: [(line_no, output_line | None, id, reason, message, fixed)] for a chunk of raw input lines."""
+    """Worker: [(line_no, output_line | None, id, reason, message, fixed)] for a chunk of raw input lines. Never
+    raises for a bad line: every failure converting one record becomes an invalid record with a reason."""
     results = []
     for k, raw in enumerate(lines):
         line_no = first_line + k
-        if not raw.strip():
-            results.append((line_no, None, None, "blank", "", False))
-            continue
+        if isinstance(raw, bytes):
+            if raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():
+                results.append((line_no, None, None, "blank", "", False))
+                continue
         rec_id = None
         try:
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise Invalid("invalid_json", f"not valid JSON: {e}") from None
-            if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+            record = parse_line(raw, opts)
+            if isinstance(record, dict) and _is_id(record.get("id")):
                 rec_id = record["id"]
             out, fixed = convert_record(record, opts)
-            results.append((line_no, json.dumps(out, ensure_ascii=False), rec_id, None, "", fixed))
+            line = json.dumps(out, ensure_ascii=False)
+            _check_text(line, "the output record")  # guard: every string written was checked already
+            results.append((line_no, line, rec_id, None, "", fixed))
+            continue
         except Invalid as e:
-            results.append((line_no, None, rec_id, e.reason, str(e), False))
+            reason, message = e.reason, str(e)
+        except RecursionError:
+            reason, message = "too_deep", "nested too deeply to convert"
+        except Exception as e:  # a hostile record must not end the run: report it like any other invalid one
+            reason, message = "conversion_error", f"{type(e).__name__}: {e}"
+        if isinstance(rec_id, str):
+            rec_id = _safe_text(rec_id)
+        results.append((line_no, None, rec_id, reason, _clip(_safe_text(message)), False))
     return results
 
 
 # --- streaming ----------------------------------------------------------------------------------------------
-def read_chunks(path: str, chunk_lines: int) -> Iterator[tuple[int, list, int]]:
-    """(first line number (1-based), raw lines, bytes) per chunk; never holds more than one chunk."""
+def read_chunks(path: str, chunk_lines: int, max_line_bytes: int = MAX_LINE_BYTES
+                ) -> Iterator[tuple[int, list, int]]:
+    """(first line number (1-based), raw lines, bytes) per chunk; never holds more than one chunk. A line longer
+    than ``max_line_bytes`` (its newline not counted) is not held in memory: its length in bytes (an int) stands
+    in for it."""
     with open(path, "rb") as f:
-        lines, nbytes, first = [], 0, 1
-        for line_no, line in enumerate(f, start=1):
+        lines, nbytes, first, line_no = [], 0, 1, 0
+        while True:
+            line = f.readline(max_line_bytes + 1)
+            if not line:
+                break
+            line_no += 1
+            n = len(line)
+            if n > max_line_bytes and not line.endswith(b"\n"):
+                rest = b""
+                while True:  # skip the rest of the line in bounded pieces
+                    rest = f.readline(1 << 20)
+                    n += len(rest)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                line = n - rest.endswith(b"\n")  # its length without the newline stands in for it
             lines.append(line)
-            nbytes += len(line)
+            nbytes += n
             if len(lines) == chunk_lines:
                 yield first, lines, nbytes
                 lines, nbytes, first = [], 0, line_no + 1
@@ -234,11 +357,28 @@ def ordered_map(fn, items: Iterator, opts: Options, num_workers: int) -> Iterato
             yield fut.result(), n
 
 
+def _check_output_path(path: str, what: str) -> None:
+    """Raise OSError with a one-line message naming ``path`` when it cannot be written (a directory, under a
+    regular file, in a directory without write permission), before any work is done; creates nothing."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path}: is a directory")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what} {path}: cannot be created, {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: cannot be created, {existing} is not writable")
+
+
 def _atomic_writer(path: str):
     """A temp file next to ``path`` (same filesystem, so the final rename is atomic)."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise OSError(f"{path}: cannot create a file in {d}: {e.strerror or e}") from None
     return os.fdopen(fd, "w", encoding="utf-8"), tmp
 
 
@@ -269,9 +409,11 @@ class Summary:
 def prepare(input_path: str, image_root: str, output_path: str, report_path: Optional[str] = None,
             num_workers: int = 1, max_invalid_fraction: float = 0.01, decode_check: bool = True,
             max_image_pixels: Optional[int] = DEFAULT_MAX_PIXELS, prepend_missing_image: bool = False,
-            chunk_lines: int = 64, progress: bool = True) -> dict:
+            chunk_lines: int = 64, progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES) -> dict:
     """Convert and validate; returns the report dict (also written to ``report_path``). When too many records
-    are invalid (or there are none) the report's ``status`` starts with "failed" and the output is not written."""
+    are invalid (or there are none) the report's ``status`` starts with "failed" and the output is not written.
+    Raises OSError / ValueError (before doing any work) for an unusable input, image root, output or report path;
+    no bad input line makes it raise."""
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"{input_path}: no such input file")
     if not os.path.isdir(image_root):
@@ -279,8 +421,13 @@ def prepare(input_path: str, image_root: str, output_path: str, report_path: Opt
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise ValueError("--output must differ from --input")
     report_path = report_path or output_path + ".report.json"
+    if os.path.abspath(report_path) in (os.path.abspath(input_path), os.path.abspath(output_path)):
+        raise ValueError("--report must differ from --input and --output")
+    _check_output_path(output_path, "--output")
+    _check_output_path(report_path, "--report")
     opts = Options(image_root=image_root, real_root=os.path.realpath(image_root), decode_check=decode_check,
-                   max_image_pixels=max_image_pixels, prepend_missing_image=prepend_missing_image)
+                   max_image_pixels=max_image_pixels, prepend_missing_image=prepend_missing_image,
+                   max_line_bytes=max_line_bytes)
     s = Summary(input=input_path, output=output_path, image_root=image_root,
                 max_invalid_fraction=max_invalid_fraction)
     by_reason, skipped, seen_ids, dup_examples = Counter(), [], set(), []
@@ -289,8 +436,8 @@ def prepare(input_path: str, image_root: str, output_path: str, report_path: Opt
     try:
         with out_f, tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
                          disable=not progress) as bar:
-            for results, nbytes in ordered_map(process_chunk, read_chunks(input_path, chunk_lines), opts,
-                                               num_workers):
+            for results, nbytes in ordered_map(process_chunk, read_chunks(input_path, chunk_lines, max_line_bytes),
+                                               opts, num_workers):
                 for line_no, line, rec_id, reason, message, fixed in results:
                     if reason == "blank":
                         s.blank_lines += 1
@@ -321,6 +468,8 @@ def prepare(input_path: str, image_root: str, output_path: str, report_path: Opt
                         f"--max-invalid-fraction {max_invalid_fraction:.2%}")
         report = {**asdict(s), "invalid_by_reason": dict(sorted(by_reason.items())),
                   "duplicate_id_examples": dup_examples, "skipped": skipped}
+        for key in ("input", "output", "image_root"):  # paths from a command line may hold undecodable bytes
+            report[key] = _safe_text(report[key])
         rep_f, rep_tmp = _atomic_writer(report_path)
         with rep_f:
             json.dump(report, rep_f, indent=1, ensure_ascii=False)
@@ -359,20 +508,22 @@ def main(argv=None) -> int:
                         "front of its first question (counted in the report); by default such records are "
                         "invalid (placeholder_mismatch)")
     p.add_argument("--chunk-lines", type=int, default=64, help="records per work unit (default: %(default)s)")
+    p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help="longer input lines are invalid (line_too_long) and never read whole (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not 0.0 <= a.max_invalid_fraction <= 1.0:
         p.error(f"--max-invalid-fraction={a.max_invalid_fraction}: must be in [0, 1]")
-    if a.num_workers < 1 or a.chunk_lines < 1:
-        p.error("--num-workers and --chunk-lines must be >= 1")
+    if a.num_workers < 1 or a.chunk_lines < 1 or a.max_line_bytes < 1:
+        p.error("--num-workers, --chunk-lines and --max-line-bytes must be >= 1")
     try:
         report = prepare(a.input, a.image_root, a.output, a.report, num_workers=a.num_workers,
                          max_invalid_fraction=a.max_invalid_fraction, decode_check=not a.no_decode_check,
                          max_image_pixels=a.max_image_pixels, prepend_missing_image=a.prepend_missing_image,
-                         chunk_lines=a.chunk_lines, progress=not a.quiet)
-    except (FileNotFoundError, ValueError) as e:
-        logger.error("%s", e)
+                         chunk_lines=a.chunk_lines, progress=not a.quiet, max_line_bytes=a.max_line_bytes)
+    except (OSError, ValueError) as e:  # unusable paths: one line, no traceback
+        logger.error("%s", _safe_text(str(e)))
         return 2
     report_path = a.report or a.output + ".report.json"
     reasons = ", ".join(f"{k}={v}" for k, v in report["invalid_by_reason"].items()) or "none"
