@@ -49,9 +49,9 @@ def write_synthetic(out: str, raw_config: dict, max_shard_bytes: int, seed: int 
     """Write config.json, released-style bf16 shards and the index; returns (bytes, tensors)."""
     import torch
 
+    from recipe.checkpoint.hf import SHARD_NAME
     from recipe.config import VL2Config
-    from recipe.hf_checkpoint import SHARD_NAME
-    from recipe.parallel.checkpoint import expected_shapes
+    from recipe.model import state_shapes as expected_shapes
 
     os.makedirs(out)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -143,7 +143,7 @@ def peak_rss_kb():
 _CHILD = _PEAK_RSS + """
 import json, sys, time
 t0 = time.perf_counter()
-from recipe.parallel.checkpoint import {func}
+from recipe.checkpoint.{module} import {func}
 start = time.perf_counter()
 {call}
 import os
@@ -157,7 +157,8 @@ def run_child(func: str, call: str, evict_dir: str) -> dict:
     """Run ``call`` in a fresh interpreter; returns wall seconds (incl. start-up), seconds inside the call and
     the child's peak RSS."""
     evict(files_in(evict_dir))
-    code = _CHILD.format(func=func, call=call)
+    module = "converted" if func == "convert_hf_to_ds" else "export"
+    code = _CHILD.format(module=module, func=func, call=call)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -172,8 +173,8 @@ def run_child(func: str, call: str, evict_dir: str) -> dict:
 
 def baseline_rss(config_dir: str) -> int:
     """Peak RSS (kB) of a child that only imports the converter and builds the meta model: the fixed overhead."""
-    code = (_PEAK_RSS + "from recipe.config import VL2Config\nfrom recipe.parallel.checkpoint import "
-            f"expected_shapes\nexpected_shapes(VL2Config.from_json({config_dir!r}))\nprint(peak_rss_kb())")
+    code = (_PEAK_RSS + "from recipe.config import VL2Config\nfrom recipe.model import "
+            f"state_shapes\nstate_shapes(VL2Config.from_json({config_dir!r}))\nprint(peak_rss_kb())")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                        env={**os.environ, "DS_ACCELERATOR": "cpu"})
     return int(r.stdout.split()[-1])
@@ -183,8 +184,8 @@ def spot_check(hf_dir: str, ds_dir: str) -> None:
     """A few tensors of the largest layer, read back from the layer file, equal the source bit for bit."""
     import torch
 
-    from recipe.hf_checkpoint import iter_tensors
-    from recipe.parallel.checkpoint import load_manifest, read_layer
+    from recipe.checkpoint.converted import load_manifest, read_layer
+    from recipe.checkpoint.hf import iter_tensors
     m = load_manifest(ds_dir)
     big = max(m["layers"], key=lambda e: e["bytes"])
     got = read_layer(ds_dir, big["index"], expert_ids=[0, 71], manifest=m, verify=True)
@@ -204,9 +205,9 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the files")
     a = p.parse_args(argv)
 
+    from recipe.checkpoint.hf import parse_size
     from recipe.config import VL2Config
-    from recipe.hf_checkpoint import parse_size
-    from recipe.parallel.checkpoint import expected_shapes
+    from recipe.model import state_shapes as expected_shapes
     work = tempfile.mkdtemp(prefix="bench-convert-", dir=a.workdir)
     hf, copy, ds, back = (os.path.join(work, d) for d in ("hf", "copy", "ds", "hf_back"))
     try:
@@ -231,7 +232,8 @@ def main(argv=None) -> None:
             exports.append(run_child("export_to_hf", f"export_to_hf({ds!r}, {back!r}, dtype=None, progress=False)",
                                      ds))
             print(f"  run {r + 1}: copy {total / GB / copies[-1]:.3f} GB/s, "
-                  f"hf_to_ds {total / GB / convs[-1]['wall']:.3f} GB/s, ds_to_hf {total / GB / exports[-1]['wall']:.3f} GB/s "
+                  f"hf_to_ds {total / GB / convs[-1]['wall']:.3f} GB/s, "
+                  f"ds_to_hf {total / GB / exports[-1]['wall']:.3f} GB/s "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)
         spot_check(hf, ds)
         with open(os.path.join(ds, "manifest.json")) as f:

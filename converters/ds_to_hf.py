@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from converters.hf_to_ds import exit_on_sigterm  # noqa: E402
+from recipe.checkpoint import CheckpointError  # noqa: E402
 from recipe.config import ConfigError  # noqa: E402
-from recipe.hf_checkpoint import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     exit_on_sigterm()
-    from recipe.parallel.checkpoint import export_to_hf
+    from recipe.checkpoint.export import export_to_hf
     try:
         export_to_hf(args.ds_dir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                      overwrite=args.overwrite, tag=args.tag, config_dir=args.config_dir,

@@ -23,7 +23,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recipe.hf_checkpoint import CheckpointError  # noqa: E402
+from recipe.checkpoint import CheckpointError  # noqa: E402
 from recipe.config import ConfigError  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     exit_on_sigterm()
-    from recipe.parallel.checkpoint import convert_hf_to_ds
+    from recipe.checkpoint.converted import convert_hf_to_ds
     try:
         convert_hf_to_ds(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
                          progress=not args.no_progress)

@@ -13,12 +13,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recipe.hf_checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, iter_tensors, load_weight_map
+from recipe.checkpoint import converted as converted_fmt
+from recipe.checkpoint import export
+from recipe.checkpoint.hf import INDEX_NAME, SINGLE_NAME, CheckpointError, iter_tensors, load_weight_map
+from recipe.config import VL2Config
 from recipe.model import DeepseekVLV2ForCausalLM
-from recipe.parallel import checkpoint as C
 from recipe.parallel import layout as L
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.launch import REPO
+
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{6}\.safetensors$")
 
 
@@ -42,7 +45,7 @@ def small_bf16(tiny_ckpt):
 @pytest.fixture(scope="module")
 def converted(small_bf16, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("conv") / "ds")
-    C.convert_hf_to_ds(small_bf16, out, progress=False)
+    converted_fmt.convert_hf_to_ds(small_bf16, out, progress=False)
     return out
 
 
@@ -75,8 +78,8 @@ def test_round_trip_is_bit_exact(tiny_ckpt, tmp_path, like, single_file, dtype):
     if not single_file:
         assert len(set(load_weight_map(src).values())) > 2
     ds, back = tmp_path / "ds", tmp_path / "hf"
-    C.convert_hf_to_ds(src, ds, progress=False)
-    C.export_to_hf(ds, back, dtype="keep", max_shard_size="300KB", progress=False)
+    converted_fmt.convert_hf_to_ds(src, ds, progress=False)
+    export.export_to_hf(ds, back, dtype="keep", max_shard_size="300KB", progress=False)
     original = hf_tensors(src)
     assert_same_tensors(original, hf_tensors(back))
     assert any(k.startswith("vision.attn_pool.") for k in original)  # unused, but carried through
@@ -87,13 +90,13 @@ def test_round_trip_is_bit_exact(tiny_ckpt, tmp_path, like, single_file, dtype):
             assert a.read() == b.read(), side
     # The default export dtype is bf16, as released.
     default = tmp_path / "hf_bf16"
-    C.export_to_hf(ds, default, progress=False)
+    export.export_to_hf(ds, default, progress=False)
     assert_same_tensors({k: v.to(torch.bfloat16) for k, v in original.items()}, hf_tensors(default))
 
 
 def test_export_loads_in_our_model_with_identical_logits(small_bf16, converted, tmp_path):
     out = tmp_path / "hf"
-    C.export_to_hf(converted, out, progress=False)
+    export.export_to_hf(converted, out, progress=False)
     a = DeepseekVLV2ForCausalLM.from_pretrained(small_bf16).eval()
     b = DeepseekVLV2ForCausalLM.from_pretrained(str(out)).eval()
     ids = torch.randint(3, a.config.language_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -103,19 +106,19 @@ def test_export_loads_in_our_model_with_identical_logits(small_bf16, converted, 
 
 def test_dtype_cast_on_conversion(tiny_ckpt, tmp_path):
     src = tiny_ckpt("small", dtype="bf16")
-    m = C.convert_hf_to_ds(src, tmp_path / "ds", dtype="fp32", progress=False)
+    m = converted_fmt.convert_hf_to_ds(src, tmp_path / "ds", dtype="fp32", progress=False)
     assert m["dtype"] == "float32" and m["cast_to"] == "float32"
-    C.export_to_hf(tmp_path / "ds", tmp_path / "hf", dtype="keep", progress=False)
+    export.export_to_hf(tmp_path / "ds", tmp_path / "hf", dtype="keep", progress=False)
     assert_same_tensors({k: v.float() for k, v in hf_tensors(src).items()}, hf_tensors(tmp_path / "hf"))
 
 
 # --- the converted layout --------------------------------------------------------------------------------------
 
 def test_manifest_and_layer_files(small_bf16, converted):
-    m = C.load_manifest(converted)
-    cfg = C.VL2Config.from_json(converted)
+    m = converted_fmt.load_manifest(converted)
+    cfg = VL2Config.from_json(converted)
     layers = L.build_layout(cfg)
-    assert m["format"] == C.FORMAT_NAME and m["format_version"] == C.FORMAT_VERSION
+    assert m["format"] == converted_fmt.FORMAT_NAME and m["format_version"] == converted_fmt.FORMAT_VERSION
     assert m["num_layers"] == len(layers) and m["dtype"] == "bfloat16" and m["cast_to"] is None
     assert m["source"]["path"] == os.path.abspath(small_bf16) and m["source"]["index"] == INDEX_NAME
     assert set(m["side_files"]) >= {"config.json", "processor_config.json", "tokenizer.json"}
@@ -130,72 +133,101 @@ def test_manifest_and_layer_files(small_bf16, converted):
         for name, t in state.items():
             assert layer.owns(name) and torch.equal(t, original[name])
             meta = entry["tensors"][name]
-            assert meta["sha256"] == C.tensor_sha256(t) and meta["shape"] == list(t.shape)
+            assert meta["sha256"] == converted_fmt.tensor_sha256(t) and meta["shape"] == list(t.shape)
     moe = [e for e in m["layers"] if e["is_moe"]]
     assert moe and all(e["num_experts"] == cfg.language_config.n_routed_experts for e in moe)
 
 
 def test_read_layer_experts_by_global_id(converted):
-    m = C.load_manifest(converted)
+    m = converted_fmt.load_manifest(converted)
     idx = next(e["index"] for e in m["layers"] if e["is_moe"])
-    full = C.read_layer(converted, idx, manifest=m, verify=True)
-    part = C.read_layer(converted, idx, expert_ids=[5, 1], manifest=m)
+    full = converted_fmt.read_layer(converted, idx, manifest=m, verify=True)
+    part = converted_fmt.read_layer(converted, idx, expert_ids=[5, 1], manifest=m)
     experts = {L.parse_expert_key(k)[1] for k in part if L.parse_expert_key(k)}
     assert experts == {1, 5}
     assert [k for k in full if k in part] == list(part)  # manifest order
     assert {k for k in full if not L.parse_expert_key(k)} <= set(part)  # router, bias, attention, shared experts
     assert any(k.endswith("mlp.gate.e_score_correction_bias") for k in part)
     with pytest.raises(CheckpointError, match=r"expert ids \[8\]"):
-        C.read_layer(converted, idx, expert_ids=[8], manifest=m)
+        converted_fmt.read_layer(converted, idx, expert_ids=[8], manifest=m)
     with pytest.raises(CheckpointError, match="out of range"):
-        C.read_layer(converted, len(m["layers"]), manifest=m)
-    assert set(C.read_layer(converted, 0, expert_ids=[0])) == set(C.read_layer(converted, 0))  # dense: all
+        converted_fmt.read_layer(converted, len(m["layers"]), manifest=m)
+    dense = converted_fmt.read_layer(converted, 0)
+    assert set(converted_fmt.read_layer(converted, 0, expert_ids=[0])) == set(dense)  # dense layer: all of it
 
 
 def test_read_layer_verify_catches_corruption(converted, tmp_path):
     ds = copy_ckpt(converted, tmp_path / "ds")
-    m = C.load_manifest(ds)
+    m = converted_fmt.load_manifest(ds)
     entry = m["layers"][-1]
     name, meta = next(iter(entry["tensors"].items()))
-    t = C.read_layer(ds, entry["index"], mmap=False)[name]
+    t = converted_fmt.read_layer(ds, entry["index"], mmap=False)[name]
     path = os.path.join(ds, entry["file"])
     raw = bytearray(open(path, "rb").read())
     pos = raw.find(t.reshape(-1).view(torch.uint8).numpy().tobytes()[:64])
     assert pos > 0
     raw[pos] ^= 0xFF
     open(path, "wb").write(bytes(raw))
-    C.read_layer(ds, entry["index"])  # shapes and names still fine
+    converted_fmt.read_layer(ds, entry["index"], verify=False)  # shapes and names still fine
     with pytest.raises(CheckpointError, match=re.escape(path) + ".*" + re.escape(name) + ".*sha256"):
-        C.read_layer(ds, entry["index"], verify=True)
+        converted_fmt.read_layer(ds, entry["index"], verify=True)
+
+
+def test_export_refuses_a_corrupt_layer_file(converted, tmp_path):
+    """A flipped byte in a converted layer file fails the manifest's sha256 check on export, naming file and tensor."""
+    ds = copy_ckpt(converted, tmp_path / "ds")
+    entry = converted_fmt.load_manifest(ds)["layers"][1]
+    name = next(iter(entry["tensors"]))
+    t = converted_fmt.read_layer(ds, entry["index"], mmap=False)[name]
+    path = os.path.join(ds, entry["file"])
+    raw = bytearray(open(path, "rb").read())
+    pos = raw.find(t.reshape(-1).view(torch.uint8).numpy().tobytes()[:64])
+    raw[pos + 1] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(CheckpointError, match=re.escape(path) + ".*" + re.escape(name) + ".*sha256"):
+        export.export_to_hf(ds, str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("bad", ["../secret.pt", "/etc/passwd", "sub/../../x.pt"])
+def test_manifest_paths_stay_inside(converted, tmp_path, bad):
+    ds = copy_ckpt(converted, tmp_path / "ds")
+    (tmp_path / "secret.pt").write_bytes(open(os.path.join(ds, "layer_00-model_00-model_states.pt"), "rb").read())
+    mpath = os.path.join(ds, "manifest.json")
+    m = json.load(open(mpath))
+    m["layers"][0]["file"] = bad
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(CheckpointError, match="not a plain name inside|outside"):
+        converted_fmt.load_manifest(ds)
 
 
 def test_load_manifest_refusals(converted, tmp_path):
     ds = copy_ckpt(converted, tmp_path / "ds")
     os.remove(os.path.join(ds, "layer_03-model_00-model_states.pt"))
     with pytest.raises(CheckpointError, match="layer_03-model_00-model_states.pt: layer file missing"):
-        C.load_manifest(ds)
-    with open(os.path.join(ds, C.MANIFEST_NAME)) as f:
+        converted_fmt.load_manifest(ds)
+    with open(os.path.join(ds, converted_fmt.MANIFEST_NAME)) as f:
         m = json.load(f)
-    m["format_version"] = C.FORMAT_VERSION + 1
-    with open(os.path.join(ds, C.MANIFEST_NAME), "w") as f:
+    m["format_version"] = converted_fmt.FORMAT_VERSION + 1
+    with open(os.path.join(ds, converted_fmt.MANIFEST_NAME), "w") as f:
         json.dump(m, f)
     with pytest.raises(CheckpointError, match="newer than this reader"):
-        C.load_manifest(ds)
-    os.remove(os.path.join(ds, C.MANIFEST_NAME))
+        converted_fmt.load_manifest(ds)
+    os.remove(os.path.join(ds, converted_fmt.MANIFEST_NAME))
     with pytest.raises(CheckpointError, match="not a finished conversion"):
-        C.load_manifest(ds)
+        converted_fmt.load_manifest(ds)
 
 
 def test_export_refuses_layout_that_disagrees_with_its_config(converted, tmp_path):
     ds = copy_ckpt(converted, tmp_path / "ds")
     edit_config(ds, num_hidden_layers=2)
     with pytest.raises(CheckpointError, match=r"manifest\.json: 8 pipeline layers, config\.json gives 7"):
-        C.export_to_hf(ds, tmp_path / "hf", progress=False)
+        export.export_to_hf(ds, tmp_path / "hf", progress=False)
     ds2 = copy_ckpt(converted, tmp_path / "ds2")
     edit_config(ds2, moe_intermediate_size=16)
     with pytest.raises(CheckpointError, match=r"tensor 'language\.model\.layers\.1\.mlp\.experts\.0\.gate_proj"
                                               r"\.weight' in .*layer_05-model_00-model_states\.pt has shape"):
-        C.export_to_hf(ds2, tmp_path / "hf2", progress=False)
+        export.export_to_hf(ds2, tmp_path / "hf2", progress=False)
     assert no_output_left(tmp_path / "hf") and no_output_left(tmp_path / "hf2")
 
 
@@ -203,7 +235,7 @@ def test_export_refuses_layout_that_disagrees_with_its_config(converted, tmp_pat
 
 def _convert_fails(src, out, match):
     with pytest.raises(CheckpointError, match=match):
-        C.convert_hf_to_ds(src, out, progress=False)
+        converted_fmt.convert_hf_to_ds(src, out, progress=False)
     assert no_output_left(out)
 
 
@@ -295,20 +327,20 @@ def test_existing_output_needs_overwrite(small_bf16, converted, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match=f"{out} already exists; pass --overwrite"):
-        C.convert_hf_to_ds(small_bf16, out, progress=False)
+        converted_fmt.convert_hf_to_ds(small_bf16, out, progress=False)
     assert (out / "keep.txt").exists()
-    C.convert_hf_to_ds(small_bf16, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and C.load_manifest(str(out))
+    converted_fmt.convert_hf_to_ds(small_bf16, out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and converted_fmt.load_manifest(str(out))
     with pytest.raises(FileExistsError):
-        C.export_to_hf(converted, out, progress=False)
+        export.export_to_hf(converted, out, progress=False)
     with pytest.raises(ValueError, match="overlaps the input"):
-        C.convert_hf_to_ds(small_bf16, small_bf16, overwrite=True, progress=False)
+        converted_fmt.convert_hf_to_ds(small_bf16, small_bf16, overwrite=True, progress=False)
     assert load_weight_map(small_bf16)
 
 
 def test_failure_mid_conversion_leaves_nothing(small_bf16, tmp_path, monkeypatch):
     calls = []
-    real = C._write_layer
+    real = converted_fmt._write_layer
 
     def flaky(*args, **kw):
         calls.append(1)
@@ -316,9 +348,9 @@ def test_failure_mid_conversion_leaves_nothing(small_bf16, tmp_path, monkeypatch
             raise RuntimeError("disk full")
         return real(*args, **kw)
 
-    monkeypatch.setattr(C, "_write_layer", flaky)
+    monkeypatch.setattr(converted_fmt, "_write_layer", flaky)
     with pytest.raises(RuntimeError, match="disk full"):
-        C.convert_hf_to_ds(small_bf16, tmp_path / "out", progress=False)
+        converted_fmt.convert_hf_to_ds(small_bf16, tmp_path / "out", progress=False)
     assert no_output_left(tmp_path / "out")
 
 
@@ -326,15 +358,15 @@ _SLOW_CONVERT = """
 import sys, time
 sys.argv = ["hf_to_ds.py", "--hf-dir", {src!r}, "--out", {out!r}, "--no-progress"]
 import converters.hf_to_ds as cli
-import recipe.parallel.checkpoint as C
-real = C._write_layer
+import recipe.checkpoint.converted as converted_fmt
+real = converted_fmt._write_layer
 def slow(*a, **k):
     r = real(*a, **k)
     if a[2] == "layer_03-model_00-model_states.pt":
         open({flag!r}, "w").close()
         time.sleep(120)
     return r
-C._write_layer = slow
+converted_fmt._write_layer = slow
 sys.exit(cli.main())
 """
 
@@ -358,9 +390,9 @@ def test_killed_conversion_leaves_no_finished_output(small_bf16, tmp_path, sig):
     else:
         assert len(partial) == 1  # a killed process cannot clean up, but the leftover is no finished conversion
         with pytest.raises(CheckpointError, match="not a finished conversion"):
-            C.load_manifest(os.path.join(tmp_path, partial[0]))
-    C.convert_hf_to_ds(small_bf16, out, progress=False)  # a leftover does not block the next run
-    assert C.load_manifest(out)["num_tensors"] > 0
+            converted_fmt.load_manifest(os.path.join(tmp_path, partial[0]))
+    converted_fmt.convert_hf_to_ds(small_bf16, out, progress=False)  # a leftover does not block the next run
+    assert converted_fmt.load_manifest(out)["num_tensors"] > 0
 
 
 # --- command lines -------------------------------------------------------------------------------------------
@@ -387,7 +419,7 @@ def test_cli_round_trip_and_errors(small_bf16, tmp_path, caplog):
 
 
 def test_progress_bar_counts_bytes_and_tensors(small_bf16, tmp_path, capsys):
-    C.convert_hf_to_ds(small_bf16, tmp_path / "ds", progress=True)
+    converted_fmt.convert_hf_to_ds(small_bf16, tmp_path / "ds", progress=True)
     err = capsys.readouterr().err
-    m = C.load_manifest(str(tmp_path / "ds"))
+    m = converted_fmt.load_manifest(str(tmp_path / "ds"))
     assert "hf->ds" in err and f"{m['num_tensors']}/{m['num_tensors']} tensors" in err and "B/s" in err

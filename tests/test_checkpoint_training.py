@@ -4,24 +4,22 @@ Hand-written checkpoints in DeepSpeed 0.19's exact file layout cover many splits
 engine (``tests/helpers/ds_save_checkpoint.py`` under torchrun) pin the layout to what DeepSpeed actually writes.
 """
 
-import importlib.util
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from collections import OrderedDict, defaultdict
 
 import pytest
 import torch
 
+from recipe.checkpoint import converted as converted_fmt
+from recipe.checkpoint import export, training
+from recipe.checkpoint.hf import CheckpointError, iter_tensors
 from recipe.config import VL2Config
-from recipe.hf_checkpoint import CheckpointError, iter_tensors
 from recipe.model import DeepseekVLV2ForCausalLM
-from recipe.parallel import checkpoint as C
 from recipe.parallel import layout as L
+from recipe.parallel.cost import balanced_decoder_split
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.launch import REPO, torchrun
 
 
 def write_training_checkpoint(tensors: dict, cfg: VL2Config, save_dir: str, tag: str = "global_step7",
@@ -31,10 +29,10 @@ def write_training_checkpoint(tensors: dict, cfg: VL2Config, save_dir: str, tag:
     ``layer_J_expert_E_mp_rank_SS_model_states.pt`` per routed expert (J = MoE layer index within the stage,
     E = global expert id). Which EP rank wrote an expert file does not show in the layout. Returns the parts."""
     layers = L.build_layout(cfg)
-    parts = L.stage_parts(cfg, num_stages, decoder_split)
+    parts = L.stage_parts(cfg, num_stages, decoder_split or balanced_decoder_split(cfg, num_stages))
     tag_dir = os.path.join(save_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
-    groups = C.keys_by_layer(cfg, tensors)
+    groups = converted_fmt.keys_by_layer(cfg, tensors)
     for s in range(num_stages):
         module, moe_j = OrderedDict(), 0
         for idx in range(parts[s], parts[s + 1]):
@@ -79,7 +77,7 @@ def test_reads_any_pipeline_split(src, tmp_path, num_stages, split):
     original = hf_tensors(src)
     parts = write_training_checkpoint(original, cfg, str(tmp_path), num_stages=num_stages, decoder_split=split)
     assert len(parts) == num_stages + 1
-    ckpt = C.read_training_checkpoint(str(tmp_path), config=src)
+    ckpt = training.read_training_checkpoint(str(tmp_path), config=src)
     assert ckpt.tag == "global_step7" and len(ckpt) == len(original)
     got = OrderedDict(ckpt)
     assert_same(original, got)
@@ -92,15 +90,15 @@ def test_tag_selection_and_tag_dir(src, tmp_path):
     write_training_checkpoint(original, cfg, str(tmp_path), tag="step1")
     changed = {k: (v + 1 if k == "language.lm_head.weight" else v) for k, v in original.items()}
     write_training_checkpoint(changed, cfg, str(tmp_path), tag="step2")  # latest -> step2
-    assert torch.equal(dict(C.read_training_checkpoint(str(tmp_path), config=src))["language.lm_head.weight"],
+    assert torch.equal(dict(training.read_training_checkpoint(str(tmp_path), config=src))["language.lm_head.weight"],
                        changed["language.lm_head.weight"])
-    assert_same(original, dict(C.read_training_checkpoint(str(tmp_path), tag="step1", config=src)))
-    assert_same(original, dict(C.read_training_checkpoint(str(tmp_path / "step1"), config=src)))
+    assert_same(original, dict(training.read_training_checkpoint(str(tmp_path), tag="step1", config=src)))
+    assert_same(original, dict(training.read_training_checkpoint(str(tmp_path / "step1"), config=src)))
     with pytest.raises(CheckpointError, match=r"tag 'step9' not found \(tags here: step1, step2\)"):
-        C.read_training_checkpoint(str(tmp_path), tag="step9", config=src)
+        training.read_training_checkpoint(str(tmp_path), tag="step9", config=src)
     os.remove(tmp_path / "latest")
     with pytest.raises(CheckpointError, match=r"latest: no 'latest' file; pass --tag \(tags here: step1, step2\)"):
-        C.read_training_checkpoint(str(tmp_path), config=src)
+        training.read_training_checkpoint(str(tmp_path), config=src)
 
 
 def test_export_of_training_checkpoint_loads_with_identical_logits(src, tmp_path):
@@ -110,9 +108,10 @@ def test_export_of_training_checkpoint_loads_with_identical_logits(src, tmp_path
     write_training_checkpoint(original, cfg, str(save), num_stages=2, decoder_split=[2, 3])
     shutil.copy(os.path.join(src, "config.json"), save)  # the run keeps its config beside the checkpoints
     with pytest.raises(CheckpointError, match="no config.json"):
-        C.export_to_hf(str(save / "global_step7"), tmp_path / "x", config_dir=str(tmp_path / "none"), progress=False)
+        export.export_to_hf(str(save / "global_step7"), tmp_path / "x", config_dir=str(tmp_path / "none"),
+                            progress=False)
     out = tmp_path / "hf"
-    C.export_to_hf(str(save), out, max_shard_size="200KB", progress=False)
+    export.export_to_hf(str(save), out, max_shard_size="200KB", progress=False)
     assert_same(original, hf_tensors(out))
     assert sorted(os.listdir(out))[0] == "config.json"
     a = DeepseekVLV2ForCausalLM.from_pretrained(src).eval()
@@ -127,9 +126,9 @@ def test_fp32_training_checkpoint_exports_bf16_by_default(tiny_ckpt, tmp_path):
     original = hf_tensors(src32)
     write_training_checkpoint(original, VL2Config.from_json(src32), str(tmp_path / "save"), num_stages=2,
                               decoder_split=[2, 1])
-    C.export_to_hf(str(tmp_path / "save"), tmp_path / "bf16", config_dir=src32, progress=False)
+    export.export_to_hf(str(tmp_path / "save"), tmp_path / "bf16", config_dir=src32, progress=False)
     assert_same(original, hf_tensors(tmp_path / "bf16"), cast=torch.bfloat16)
-    C.export_to_hf(str(tmp_path / "save"), tmp_path / "keep", dtype="keep", config_dir=src32, progress=False)
+    export.export_to_hf(str(tmp_path / "save"), tmp_path / "keep", dtype="keep", config_dir=src32, progress=False)
     assert_same(original, hf_tensors(tmp_path / "keep"))
     assert os.path.isfile(tmp_path / "keep" / "tokenizer.json")
 
@@ -145,14 +144,14 @@ def _broken(src, tmp_path, damage):
 def test_refuses_missing_expert_file(src, tmp_path):
     save = _broken(src, tmp_path, lambda d: os.remove(os.path.join(d, "layer_1_expert_3_mp_rank_01_model_states.pt")))
     with pytest.raises(CheckpointError, match=r"missing tensor 'language\.model\.layers\.3\.mlp\.experts\.3\."):
-        C.read_training_checkpoint(save, config=src)
+        training.read_training_checkpoint(save, config=src)
 
 
 def test_refuses_missing_stage_file(src, tmp_path):
     save = _broken(src, tmp_path, lambda d: os.rename(os.path.join(d, "mp_rank_01_model_states.pt"),
                                                       os.path.join(d, "mp_rank_02_model_states.pt")))
     with pytest.raises(CheckpointError, match=r"stage files .* are not numbered 00\.\.01"):
-        C.read_training_checkpoint(save, config=src)
+        training.read_training_checkpoint(save, config=src)
 
 
 def _edit_stage(d, edit, stage=0):
@@ -168,17 +167,17 @@ def test_refuses_duplicate_and_foreign_keys(src, tmp_path):
         d, lambda m: m.update({f"{head}.norm.weight": torch.ones(64)})))
     with pytest.raises(CheckpointError, match=rf"mp_rank_01_model_states.pt: tensor 'language\.model\.norm\.weight' "
                                               rf"\({head}\.norm\.weight\) also in .*mp_rank_00_model_states\.pt"):
-        C.read_training_checkpoint(dup, config=src)
+        training.read_training_checkpoint(dup, config=src)
     foreign = _broken(src, tmp_path / "b", lambda d: _edit_stage(
         d, lambda m: m.update({"tied_modules.embed.weight": torch.ones(2)})))
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: key 'tied_modules\.embed\.weight'"):
-        C.read_training_checkpoint(foreign, config=src)
+        training.read_training_checkpoint(foreign, config=src)
     moe = L.layer_index_of(VL2Config.from_json(src), "language.model.layers.1.mlp.gate.weight")
     extra = _broken(src, tmp_path / "c", lambda d: _edit_stage(
         d, lambda m: m.update({f"{moe}.mlp.moe.deepspeed_moe.gate.wg.weight": torch.ones(8, 64)})))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'language\.model\.layers\.1\.mlp\.moe\.deepspeed_moe"
                                               r"\.gate\.wg\.weight' in .*mp_rank_00_model_states\.pt"):
-        C.read_training_checkpoint(extra, config=src)
+        training.read_training_checkpoint(extra, config=src)
 
 
 def test_refuses_shape_mismatch_and_corrupt_file(src, tmp_path):
@@ -187,14 +186,14 @@ def test_refuses_shape_mismatch_and_corrupt_file(src, tmp_path):
         d, lambda m: m.update({f"{head}.norm.weight": torch.ones(65)}), stage=1))
     with pytest.raises(CheckpointError, match=r"tensor 'language\.model\.norm\.weight' in .*mp_rank_01_model_states"
                                               r"\.pt has shape \[65\], config\.json implies \[64\]"):
-        C.read_training_checkpoint(shaped, config=src)
+        training.read_training_checkpoint(shaped, config=src)
 
     def truncate(d):
         path = os.path.join(d, "layer_0_expert_2_mp_rank_00_model_states.pt")
         os.truncate(path, os.path.getsize(path) // 2)
     corrupt = _broken(src, tmp_path / "b", truncate)
     with pytest.raises(CheckpointError, match=r"layer_0_expert_2_mp_rank_00_model_states\.pt: cannot read"):
-        C.read_training_checkpoint(corrupt, config=src)
+        training.read_training_checkpoint(corrupt, config=src)
 
 
 class _ClientThing:
@@ -213,35 +212,21 @@ def test_unknown_pickled_objects_are_stubbed_not_run(src, tmp_path, caplog):
     thing.consumed = 12
     state["client_state"] = {"sampler": thing}
     torch.save(state, path)
-    assert_same(hf_tensors(src), dict(C.read_training_checkpoint(save, config=src)))
+    assert_same(hf_tensors(src), dict(training.read_training_checkpoint(save, config=src)))
     assert "stubbing non-tensor objects test_checkpoint_training._ClientThing" in caplog.text
 
 
 def test_detect_kind(src, tmp_path):
     with pytest.raises(CheckpointError, match="already an HF safetensors checkpoint"):
-        C.detect_kind(src)
+        export.detect_kind(src)
     with pytest.raises(CheckpointError, match="no such directory"):
-        C.detect_kind(str(tmp_path / "nothing"))
+        export.detect_kind(str(tmp_path / "nothing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither a converted layout"):
-        C.detect_kind(str(tmp_path / "empty"))
+        export.detect_kind(str(tmp_path / "empty"))
 
 
 # --- the real engine -----------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script: str, args: list, timeout: int = 240) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), script, *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pp,ep,split", [(2, 1, "2,3"), (1, 2, None)], ids=["pp2-ep1", "pp1-dp2-ep2"])
@@ -249,27 +234,19 @@ def test_real_deepspeed_checkpoint_exports_exactly(src, tmp_path, pp, ep, split)
     """DeepSpeed's own save_checkpoint (bf16, ZeRO-1) of a pipeline with MoE layers, filled from a converted
     directory with each rank's experts: reading it back gives the source tensors bit for bit."""
     ds = str(tmp_path / "ds")
-    C.convert_hf_to_ds(src, ds, progress=False)
+    converted_fmt.convert_hf_to_ds(src, ds, progress=False)
     save = str(tmp_path / "save")
     args = ["--ds-dir", ds, "--save-dir", save, "--pp", str(pp), "--ep", str(ep)]
-    _torchrun(os.path.join(REPO, "tests", "helpers", "ds_save_checkpoint.py"),
-              args + (["--decoder-split", split] if split else []))
+    torchrun(os.path.join(REPO, "tests", "helpers", "ds_save_checkpoint.py"), 2,
+             args + (["--decoder-split", split] if split else []), str(tmp_path / "save.log"))
     files = os.listdir(os.path.join(save, "global_step3"))
     assert sum(f.startswith("layer_") and "_expert_" in f for f in files) == 8 * 4  # 4 MoE layers x 8 experts
     out = str(tmp_path / "hf")
-    C.export_to_hf(save, out, config_dir=ds, progress=False)  # bf16, as the run stored it
+    export.export_to_hf(save, out, config_dir=ds, progress=False)  # bf16, as the run stored it
     assert_same(hf_tensors(src), hf_tensors(out))
 
 
-def _pipeline_available() -> bool:
-    try:
-        return importlib.util.find_spec("recipe.parallel.pipeline") is not None
-    except ImportError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _pipeline_available(), reason="recipe/parallel/pipeline.py not available")
 @pytest.mark.parametrize("stages,ep,split", [(2, 1, "2,3"), (1, 2, None)], ids=["pp2-ep1", "pp1-dp2-ep2"])
 def test_real_training_run_exports_with_identical_logits(src, tmp_path, stages, ep, split):
     """Load the pipeline from a converted directory (read_layer), train 2 steps (bf16, ZeRO-1), save with the
@@ -277,10 +254,10 @@ def test_real_training_run_exports_with_identical_logits(src, tmp_path, stages, 
     from recipe.tools.synthetic_batches import collate, synthetic_samples
 
     ds, save = str(tmp_path / "ds"), str(tmp_path / "save")
-    C.convert_hf_to_ds(src, ds, progress=False)
+    converted_fmt.convert_hf_to_ds(src, ds, progress=False)
     args = ["--ds-dir", ds, "--save-dir", save, "--stages", str(stages), "--ep", str(ep)]
-    _torchrun(os.path.join(REPO, "tests", "helpers", "ds_train_and_save.py"),
-              args + (["--split", split] if split else []))
+    torchrun(os.path.join(REPO, "tests", "helpers", "ds_train_and_save.py"), 2,
+             args + (["--split", split] if split else []), str(tmp_path / "train.log"))
     live = {}
     for r in range(2):
         for k, v in torch.load(os.path.join(save, f"live_rank{r}.pt"), weights_only=True).items():
@@ -290,9 +267,9 @@ def test_real_training_run_exports_with_identical_logits(src, tmp_path, stages, 
     assert sum(not torch.equal(original[k], live[k].to(original[k].dtype)) for k in original) > len(original) // 2
 
     out = tmp_path / "hf"
-    C.export_to_hf(save, out, dtype="keep", config_dir=ds, progress=False)
+    export.export_to_hf(save, out, dtype="keep", config_dir=ds, progress=False)
     assert_same(live, hf_tensors(out))
-    C.export_to_hf(save, tmp_path / "hf_bf16", config_dir=ds, progress=False)  # the default export dtype
+    export.export_to_hf(save, tmp_path / "hf_bf16", config_dir=ds, progress=False)  # the default export dtype
     assert_same(live, hf_tensors(tmp_path / "hf_bf16"), cast=torch.bfloat16)
 
     cfg = VL2Config.from_json(ds)

@@ -16,8 +16,9 @@ import os
 import torch
 from torch import nn
 
+from recipe.checkpoint.files import atomic_output_dir
+from recipe.checkpoint.hf import SINGLE_NAME, parse_size
 from recipe.config import TINY_LIKE, ProcessorConfig, _tile_candidates, tiny_config
-from recipe.hf_checkpoint import SINGLE_NAME, atomic_output_dir, parse_size
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.tools.tiny_tokenizer import build_tokenizer
 

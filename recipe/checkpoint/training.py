@@ -1,0 +1,417 @@
+"""Training checkpoints on disk (DeepSpeed 0.19 pipeline + MoE ``save_checkpoint``): completion records, tag
+resolution inside ``save_dir``, verification, and the reader the export uses.
+
+Files of a tag: ``mp_rank_SS_model_states.pt`` (``['module']``: ``'{layer}.{local name}'`` -> tensor, the non-expert
+tensors of stage SS), ``layer_J_expert_E_mp_rank_SS_model_states.pt`` (routed expert E of the J-th MoE layer of
+stage SS), optimizer shards, and ours: ``rng_state_rankNNNNN.pt``, ``run_config.json``,
+``checkpoint_complete.json``.
+
+The commit protocol (the DeepSpeed side is :mod:`recipe.parallel.checkpointing`):
+  1. every rank writes its files through a hashing writer, so each file's size and sha256 are known without
+     reading it again, and each file is fsync'd;
+  2. DeepSpeed's ``save_checkpoint(save_latest=False)`` returns on every rank;
+  3. the per-rank file lists are gathered to rank 0, which writes ``<tag>/checkpoint_complete.json`` (every file
+     with its size and sha256, :func:`write_record`) and only then ``latest``, both atomically.
+A tag without ``checkpoint_complete.json`` is incomplete, and ``latest`` never names one.
+
+On resume :func:`resolve_tag` keeps the tag inside ``save_dir``, :func:`verify_complete` refuses an incomplete tag
+and missing or resized files (cheap, on every rank before any collective), and each file is checked against its
+sha256 when it is read. Errors name the file and offer the newest complete tag.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from recipe.checkpoint import CheckpointError
+from recipe.checkpoint.converted import keys_by_layer
+from recipe.checkpoint.files import atomic_write_text, load_torch, resolve_inside
+from recipe.checkpoint.validate import check_against_config
+from recipe.config import VL2Config
+from recipe.model import state_shapes
+from recipe.parallel import layout
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_NAME = "checkpoint_complete.json"
+COMPLETE_FORMAT = "dsvl2-training-checkpoint"
+COMPLETE_VERSION = 1
+LATEST_NAME = "latest"
+FAILPOINT_ENV = "DSVL2_FAILPOINT"
+_STEP_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def failpoint(name: str, rank: int, tag: str = "") -> None:
+    """Die here, as ``kill -9`` would, when ``$DSVL2_FAILPOINT`` is ``name@rank`` or ``name@rank@tag``: lets the
+    failure tests stop a rank at an exact point of the save protocol. A no-op otherwise."""
+    want = os.environ.get(FAILPOINT_ENV)
+    if want and want in (f"{name}@{rank}", f"{name}@{rank}@{tag}"):
+        logger.warning("failpoint %s reached on rank %d: exiting", want, rank)
+        logging.shutdown()
+        os._exit(86)
+
+
+def write_record(save_dir: str, tag: str, per_rank: list) -> dict:
+    """Merge the per-rank file lists (``[{name relative to the tag dir: {"size", "sha256"}}]``, one per rank) into
+    ``<tag>/checkpoint_complete.json``, then point ``latest`` at ``tag``. Rank 0 only, after every rank saved."""
+    tag_dir = resolve_inside(save_dir, tag, "checkpoint tag")
+    files: dict[str, dict] = {}
+    for r, part in enumerate(per_rank):
+        for name, rec in part.items():
+            resolve_inside(tag_dir, name, f"file written by rank {r}")
+            if name in files and files[name]["sha256"] != rec["sha256"]:
+                raise CheckpointError(f"{os.path.join(tag_dir, name)}: written by ranks {files[name]['rank']} and "
+                                      f"{r} with different contents")
+            files.setdefault(name, {**rec, "rank": r})
+    record = {"format": COMPLETE_FORMAT, "version": COMPLETE_VERSION, "tag": tag, "world_size": len(per_rank),
+              "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "files": dict(sorted(files.items()))}
+    atomic_write_text(os.path.join(tag_dir, COMPLETE_NAME), json.dumps(record, indent=1) + "\n")
+    failpoint("before_latest", 0, tag)
+    atomic_write_text(os.path.join(save_dir, LATEST_NAME), tag)
+    return record
+
+
+# --- resolving and verifying -------------------------------------------------------------------------------------
+
+def read_record(save_dir: str, tag: str) -> Optional[dict]:
+    """The completion record of ``tag``, or None when the tag is incomplete (no record, or an unreadable one)."""
+    path = os.path.join(resolve_inside(save_dir, tag, "checkpoint tag"), COMPLETE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != COMPLETE_FORMAT or \
+            not isinstance(record.get("files"), dict):
+        return None
+    return record
+
+
+def complete_tags(save_dir: str) -> list[str]:
+    """Tags under ``save_dir`` with a completion record, oldest first (by step for ``global_stepN`` tags)."""
+    if not os.path.isdir(save_dir):
+        return []
+    tags = [d for d in os.listdir(save_dir)
+            if os.path.isfile(os.path.join(save_dir, d, COMPLETE_NAME)) and read_record(save_dir, d) is not None]
+
+    def order(t):
+        m = _STEP_TAG_RE.match(t)
+        return (0, int(m.group(1)), t) if m else (1, 0, t)
+    return sorted(tags, key=order)
+
+
+def _offer(save_dir: str, exclude: Optional[str] = None) -> str:
+    tags = [t for t in complete_tags(save_dir) if t != exclude]
+    if not tags:
+        return "no complete checkpoint exists there; start fresh with --resume none"
+    return f"the newest complete checkpoint is {tags[-1]!r}: resume from it with --resume {tags[-1]}"
+
+
+def read_latest(save_dir: str) -> Optional[str]:
+    """The tag ``save_dir/latest`` names (None when there is no ``latest``); refuses an empty file."""
+    path = os.path.join(save_dir, LATEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            tag = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); {_offer(save_dir)}") from None
+    if not tag:
+        raise CheckpointError(f"{path}: empty; {_offer(save_dir)}")
+    return tag
+
+
+def resolve_tag(save_dir: str, mode: Optional[str]) -> Optional[str]:
+    """The tag to resume from: ``mode`` is "auto" (``latest`` when present, else a fresh start: None), "latest"
+    (must exist), a tag name, or None/"none" (fresh start). The tag is resolved inside ``save_dir``."""
+    if mode in (None, "", "none", "null"):
+        return None
+    if mode in ("auto", "latest"):
+        tag = read_latest(save_dir)
+        if tag is None:
+            if mode == "latest":
+                raise CheckpointError(f"resume=latest but {os.path.join(save_dir, LATEST_NAME)} does not exist; "
+                                      f"{_offer(save_dir)}")
+            return None
+        where = f"{os.path.join(save_dir, LATEST_NAME)} names {tag!r}"
+    else:
+        tag, where = mode, f"resume tag {mode!r}"
+    tag_dir = resolve_inside(save_dir, tag, where)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{where}: no checkpoint directory {tag_dir}; {_offer(save_dir)}")
+    return tag
+
+
+def verify_complete(save_dir: str, tag: str) -> dict:
+    """The completion record of ``tag`` after checking that every file it lists exists with its recorded size
+    (cheap: no file is read). Raises :class:`CheckpointError` naming the first bad files and offering the newest
+    complete tag."""
+    tag_dir = resolve_inside(save_dir, tag, "checkpoint tag")
+    record = read_record(save_dir, tag)
+    if record is None:
+        raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no valid {COMPLETE_NAME}: the save was interrupted, "
+                              f"or it was not written by recipe/train.py); {_offer(save_dir, tag)}")
+    problems = []
+    for name, rec in record["files"].items():
+        try:
+            path = resolve_inside(tag_dir, name, f"{COMPLETE_NAME} entry")
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        if size != rec.get("size"):
+            problems.append(f"{path}: {size} bytes, recorded {rec.get('size')} (truncated or replaced)")
+    if problems:
+        shown = "\n  ".join(problems[:8])
+        more = f"\n  (+{len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise CheckpointError(f"{tag_dir}: damaged checkpoint:\n  {shown}{more}\n{_offer(save_dir, tag)}")
+    return record
+
+
+def load_extra(save_dir: str, tag: str, record: dict, name: str):
+    """A file this run saved beside DeepSpeed's (its RNG state), checked against the record; None if not there."""
+    rec = record["files"].get(name)
+    if rec is None:
+        return None
+    path = resolve_inside(os.path.join(save_dir, tag), name, f"{COMPLETE_NAME} entry")
+    return load_torch(path, expected_size=rec["size"], expected_sha256=rec["sha256"])
+
+
+def trim_log(path: str, last_step: int) -> int:
+    """Drop the records of steps after ``last_step`` from a ``train_log.jsonl`` (a killed run's steps that the
+    resumed run repeats); returns how many were dropped. Rewritten atomically; unparsable lines are kept."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                step = None
+            if isinstance(step, int) and step > last_step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
+# --- reading (export) ----------------------------------------------------------------------------------------
+
+_STAGE_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_LEGACY_EXPERT_FILE_RE = re.compile(r"^expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+def _tag_to_read(ckpt_dir: str, tag: Optional[str] = None) -> str:
+    """``tag``, or the one ``<ckpt_dir>/latest`` names, kept inside ``ckpt_dir``. Errors list the tags present."""
+    if tag is None:
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            raise CheckpointError(f"{os.path.join(ckpt_dir, 'latest')}: no 'latest' file; pass --tag (tags here: "
+                                  f"{list_tags(ckpt_dir) or 'none'})")
+    tag_dir = resolve_inside(ckpt_dir, str(tag), "checkpoint tag")
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{tag_dir}: tag {tag!r} not found (tags here: {list_tags(ckpt_dir) or 'none'})")
+    return str(tag)
+
+
+def list_tags(ckpt_dir: str) -> str:
+    """Comma-separated tag directories (those holding a stage-0 file), "" when none."""
+    if not os.path.isdir(ckpt_dir):
+        return ""
+    return ", ".join(sorted(d for d in os.listdir(ckpt_dir)
+                         if os.path.isfile(os.path.join(ckpt_dir, d, "mp_rank_00_model_states.pt"))))
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """Where one HF tensor sits in a training checkpoint."""
+    path: str
+    key: str
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def is_expert(self) -> bool:
+        return _EXPERT_FILE_RE.match(os.path.basename(self.path)) is not None
+
+
+def _split_layer_key(key: str, path: str) -> tuple[int, str]:
+    idx, _, local = key.partition(".")
+    if not idx.isdigit() or not local:
+        raise CheckpointError(f"{path}: key {key!r} is not '<pipeline layer>.<name>' (tied modules or a "
+                              f"non-pipeline model are not supported)")
+    return int(idx), local
+
+
+def _hf_name(layers: list, idx: int, local: str, path: str, key: str) -> str:
+    if idx >= len(layers):
+        raise CheckpointError(f"{path}: key {key!r} names pipeline layer {idx}, config.json gives "
+                              f"{len(layers)} layers (0..{len(layers) - 1})")
+    try:
+        return layout.local_to_hf(layers[idx], local)
+    except KeyError:
+        raise CheckpointError(f"{path}: key {key!r} is no tensor of pipeline layer {idx} "
+                              f"({layers[idx].kind})") from None
+
+
+def _index_training(tag_dir: str, cfg: VL2Config, load: Callable) -> dict:
+    """HF name -> :class:`_Ref` for every tensor of a training checkpoint (file headers only, via mmap)."""
+    layers = layout.build_layout(cfg)
+    names = os.listdir(tag_dir)
+    stages = sorted((int(m.group(1)), n) for n in names for m in [_STAGE_FILE_RE.match(n)] if m)
+    if not stages:
+        zero3 = [n for n in names if n.startswith("zero_pp_rank_")]
+        raise CheckpointError(f"{tag_dir}: no mp_rank_XX_model_states.pt files"
+                              + (" (ZeRO-3 layout, which the pipeline engine never writes)" if zero3 else ""))
+    if [s for s, _ in stages] != list(range(len(stages))):
+        raise CheckpointError(f"{tag_dir}: stage files {[n for _, n in stages]} are not numbered "
+                              f"00..{len(stages) - 1:02d}")
+    if any(_LEGACY_EXPERT_FILE_RE.match(n) for n in names):
+        raise CheckpointError(f"{tag_dir}: old-style expert_E_mp_rank_XX files (pre-0.5 DeepSpeed) are not supported")
+    refs: dict[str, _Ref] = {}
+
+    def add(hf: str, ref: _Ref):
+        if hf in refs:
+            raise CheckpointError(f"{ref.path}: tensor {hf!r} ({ref.key}) also in {refs[hf].path}")
+        refs[hf] = ref
+
+    for _, fname in stages:
+        path = os.path.join(tag_dir, fname)
+        state = load(path)
+        module = state.get("module") if isinstance(state, dict) else None
+        if not isinstance(module, dict):
+            raise CheckpointError(f"{path}: no 'module' state dict (a pipeline without MoE layers saves "
+                                  f"layer_XX-model_states.pt files instead, which this reader does not handle)")
+        for key, t in module.items():
+            idx, local = _split_layer_key(key, path)
+            if layout.expert_id_of_local(local) is not None:
+                raise CheckpointError(f"{path}: routed expert tensor {key!r} in a stage file")
+            add(_hf_name(layers, idx, local, path, key), _Ref(path, key, tuple(t.shape), t.dtype))
+        del state, module
+    stage_count = len(stages)
+    for fname in sorted(names):
+        m = _EXPERT_FILE_RE.match(fname)
+        if not m:
+            continue
+        j, e, s = (int(g) for g in m.groups())
+        path = os.path.join(tag_dir, fname)
+        if s >= stage_count:
+            raise CheckpointError(f"{path}: stage {s} but only {stage_count} mp_rank files")
+        state = load(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a dict of tensors")
+        for key, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            idx, local = _split_layer_key(key, path)
+            if layout.expert_id_of_local(local) != e:
+                raise CheckpointError(f"{path}: key {key!r} is not routed expert {e} (the file name's id)")
+            add(_hf_name(layers, idx, local, path, key), _Ref(path, key, tuple(t.shape), t.dtype))
+        del state
+    return refs
+
+
+def _config_for(ckpt_dir: str, tag_dir: str, config) -> tuple[VL2Config, str]:
+    """The model config of a training checkpoint and the directory its side files come from."""
+    if isinstance(config, VL2Config):
+        return config, None
+    candidates = [config] if config is not None else [tag_dir, ckpt_dir]
+    for c in candidates:
+        path = os.path.join(c, "config.json") if os.path.isdir(c) else c
+        if os.path.isfile(path):
+            return VL2Config.from_json(path), os.path.dirname(os.path.abspath(path))
+    raise CheckpointError(f"{ckpt_dir}: no config.json in {' or '.join(candidates)}; pass --config-dir (the "
+                          f"converted or HF directory the run started from)")
+
+
+class TrainingCheckpoint:
+    """An indexed, validated DeepSpeed training checkpoint; iterate it for (HF name, tensor) in layer order."""
+
+    def __init__(self, ckpt_dir: str, tag: Optional[str] = None, config=None):
+        self.ckpt_dir = os.path.abspath(ckpt_dir)
+        if not os.path.isdir(self.ckpt_dir):
+            raise CheckpointError(f"{self.ckpt_dir}: no such directory")
+        if os.path.isfile(os.path.join(self.ckpt_dir, "mp_rank_00_model_states.pt")) and tag is None:
+            # Pointed at a tag directory itself.
+            self.ckpt_dir, tag = os.path.split(self.ckpt_dir)
+        self.tag = _tag_to_read(self.ckpt_dir, tag)
+        self.tag_dir = os.path.join(self.ckpt_dir, self.tag)
+        # train.py writes a completion record (sizes, sha256); checkpoints saved by other means have none
+        self.record = read_record(self.ckpt_dir, self.tag)
+        if self.record is not None:
+            verify_complete(self.ckpt_dir, self.tag)
+        else:
+            logger.warning("%s: no completion record (not saved by recipe/train.py, or interrupted): file sizes and "
+                           "checksums cannot be verified", self.tag_dir)
+        self._verified: set = set()
+        self.config, self.side_dir = _config_for(self.ckpt_dir, self.tag_dir, config)
+        self.refs = _index_training(self.tag_dir, self.config, self._load)
+        expected = check_against_config(self.config, {k: r.shape for k, r in self.refs.items()},
+                                        lambda k: self.refs[k].path, self.tag_dir, state_shapes(self.config))
+        self.order = [k for _, names in keys_by_layer(self.config, expected).items() for k in names]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _load(self, path: str):
+        """A checkpoint file, its sha256 checked against the completion record the first time it is read."""
+        rec = None
+        if self.record is not None and path not in self._verified:
+            rec = self.record["files"].get(os.path.relpath(path, self.tag_dir))
+            if rec is None:
+                raise CheckpointError(f"{path}: not listed in the checkpoint's completion record")
+        state = load_torch(path, mmap=True, expected_size=rec["size"] if rec else None,
+                           expected_sha256=rec["sha256"] if rec else None, stub_unknown=True)  # tensors only
+        self._verified.add(path)
+        return state
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Layer by layer. One stage file and one expert file are mapped at a time (a MoE layer alternates between
+        its stage file and its expert files); tensors may be copy-on-write views of the files."""
+        open_files = {False: (None, None), True: (None, None)}  # is_expert -> (path, state)
+        for name in self.order:
+            ref = self.refs[name]
+            path, state = open_files[ref.is_expert]
+            if path != ref.path:
+                state = self._load(ref.path)
+                state = state if ref.is_expert else state["module"]
+                open_files[ref.is_expert] = (ref.path, state)
+            t = state[ref.key]
+            if tuple(t.shape) != ref.shape or t.dtype != ref.dtype:
+                raise CheckpointError(f"{ref.path}: tensor {ref.key!r} changed while reading")
+            yield name, t
+
+
+def read_training_checkpoint(ckpt_dir: str, tag: Optional[str] = None, config=None) -> TrainingCheckpoint:
+    """A DeepSpeed pipeline + MoE training checkpoint as an iterable of (FULL HF name, tensor), layer by layer.
+
+    Args:
+        ckpt_dir: the ``save_checkpoint`` directory (holding ``latest`` and the tag directories), or a tag
+            directory itself.
+        tag: the tag to read; None reads the one ``latest`` names.
+        config: config.json path or directory, or a :class:`VL2Config`; None looks in the tag directory, then in
+            ``ckpt_dir``.
+
+    Any PP split and EP size: the stage files are self-describing (keys carry the global layer index, expert
+    files the global expert id). Every file is indexed and checked against config.json (missing, extra, duplicate
+    keys, shapes) before this returns, so errors surface before any output is written.
+    """
+    return TrainingCheckpoint(ckpt_dir, tag, config)
