@@ -117,9 +117,11 @@ class VisionConfig:
         if self.mlp_ratio <= 0:
             _fail(w, "mlp_ratio", self.mlp_ratio, "must be positive")
         if self.class_token:
-            _fail(w, "class_token", self.class_token, "DeepSeek-VL2's tower has no class token; only false is supported")
+            _fail(w, "class_token", self.class_token,
+                  "DeepSeek-VL2's tower has no class token; only false is supported")
         if not self.ignore_head or self.num_classes:
-            _fail(w, "ignore_head", self.ignore_head, "the VL2 tower returns patch features; the pooling head is unused")
+            _fail(w, "ignore_head", self.ignore_head,
+                  "the VL2 tower returns patch features; the pooling head is unused")
         if self.global_pool not in ("map", "", "avg", "token", None):
             _fail(w, "global_pool", self.global_pool, "expected 'map' (released) or no pooling")
 
@@ -305,7 +307,8 @@ class LanguageConfig:
         if self.aux_loss_alpha < 0:
             _fail(w, "aux_loss_alpha", self.aux_loss_alpha, "must be >= 0")
         if not self.moe_layer_ids:
-            _fail(w, "first_k_dense_replace", self.first_k_dense_replace, "leaves no MoE layer although experts are set")
+            _fail(w, "first_k_dense_replace", self.first_k_dense_replace,
+                  "leaves no MoE layer although experts are set")
 
 
 def _tile_candidates(image_size: int, max_tiles: int = 9) -> list[list[int]]:

@@ -6,10 +6,11 @@ import os
 
 import pytest
 
+from helpers.launch import REPO
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_CONFIGS = os.path.join(REPO, "recipe", "released_configs")
 
 
@@ -37,7 +38,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted(tiny_ckpt, tmp_path_factory):
     """(HF dir, converted dir) of a bf16 tiny checkpoint like base (MLA, sigmoid noaux_tc), 42 px tiles."""
-    from recipe.parallel.checkpoint import convert_hf_to_ds
+    from recipe.checkpoint.converted import convert_hf_to_ds
 
     hf = tiny_ckpt(like="base", image_size=42, dtype="bf16")
     out = str(tmp_path_factory.mktemp("converted") / "ds")

@@ -31,7 +31,8 @@ import textwrap
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.launch import REPO
+
 SCANNED_DIRS = ("recipe", "converters", "bench")
 
 _DEVICE_MODULES = {("torch", "cuda"), ("torch", "npu"), ("torch.backends", "cuda"), ("torch.backends", "cudnn")}

@@ -3,11 +3,10 @@ import os
 
 import pytest
 import torch
+from conftest import RELEASED_CONFIGS
 
 from recipe.config import ConfigError, ProcessorConfig, VL2Config, _tile_candidates, tiny_config
 from recipe.model import DeepseekVLV2ForCausalLM
-
-from conftest import RELEASED_CONFIGS
 
 RELEASED = {  # size -> (total parameters, state_dict tensors, hidden, layers, experts)
     "tiny": (3_370_501_440, 2582, 1280, 12, 64),

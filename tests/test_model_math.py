@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from recipe.config import tiny_config
 from recipe.model import ops
 from recipe.model.attention import MultiHeadAttention, MultiHeadLatentAttention, build_attention_mask
-from recipe.model.moe import (DeepseekV2MoE, balance_groups, dispatch_local, load_balance_loss, routing_weights,
-                              select_experts)
+from recipe.model.moe import (
+    DeepseekV2MoE,
+    balance_groups,
+    dispatch_local,
+    load_balance_loss,
+    routing_weights,
+    select_experts,
+)
 from recipe.model.projector import downsample_merge
 from recipe.model.vl2 import layout_image
 

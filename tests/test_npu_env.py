@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.launch import REPO
+
 SCRIPT = os.path.join(REPO, "recipe", "npu_env.sh")
 
 # The documented defaults (docs/scale_out.md, the script's own table); the original MindSpeed-MM recipe's values

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+LM_HEAD_CHUNK_TOKENS = 2048  # tokens per chunk of lm_head_loss_sum; the planner sizes the head activations by it
 
 
 def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -23,7 +24,7 @@ def _chunk_ce_sum(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: t
 
 
 def lm_head_loss_sum(hidden_BTD: torch.Tensor, lm_head_weight_VD: torch.Tensor, labels_BT: torch.Tensor,
-                     chunk_tokens: int = 2048) -> torch.Tensor:
+                     chunk_tokens: int = LM_HEAD_CHUNK_TOKENS) -> torch.Tensor:
     """Sum of the shifted token cross-entropies, computing the LM head only at labelled positions and a chunk of
     tokens at a time (each chunk recomputed in backward), so the [tokens, V] fp32 logits never exist whole.
 

@@ -10,15 +10,21 @@ Shapes: B batch, T tokens, D hidden, N tiles, V vocabulary, h tokens per view si
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from recipe.checkpoint.dtypes import parse_dtype
+from recipe.checkpoint.hf import iter_tensors, parse_size, scan_hf, write_hf_shards
+from recipe.checkpoint.validate import check_against_config
 from recipe.config import VL2Config
-from recipe.hf_checkpoint import CheckpointError, iter_tensors, load_weight_map, parse_size, write_hf_shards
+from recipe.model import generation
 from recipe.model.language import DeepseekV2ForCausalLM
 from recipe.model.loss import causal_lm_loss
 from recipe.model.projector import MlpProjector
@@ -184,35 +190,36 @@ class DeepseekVLV2ForCausalLM(nn.Module):
         loss = None if ce is None else (ce if aux is None else ce + aux)
         return VL2Output(loss=loss, logits=logits, aux_loss=aux, ce_loss=ce)
 
+    # --- generation (recipe/model/generation.py) -----------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 images: Optional[torch.Tensor] = None, images_seq_mask: Optional[torch.Tensor] = None,
+                 images_spatial_crop: Optional[torch.Tensor] = None, **kwargs) -> "generation.GenerationOutput":
+        """KV-cached greedy (default) or sampled decoding of left- or right-padded prompts; keyword arguments
+        (``max_new_tokens``, ``eos_token_id``, ``temperature``, ``top_k``, ``top_p``, ``generator``, ...) as
+        :func:`recipe.model.generation.generate`."""
+        return generation.generate(self, input_ids, attention_mask, images, images_seq_mask, images_spatial_crop,
+                                   **kwargs)
+
     # --- checkpoints ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: Union[torch.dtype, str, None] = None,
                         device: Union[str, torch.device] = "cpu") -> "DeepseekVLV2ForCausalLM":
         """Load a released-layout checkpoint directory (``config.json`` + sharded safetensors with index, or one
-        ``model.safetensors``). Strict: a missing or unexpected tensor, or a shape mismatch, is an error.
+        ``model.safetensors``). Strict: a missing or unexpected tensor, or a shape mismatch, is an error naming
+        the file and key.
 
         ``torch_dtype``: None or "auto" keeps each tensor's stored dtype; otherwise floating tensors are cast.
         """
         cfg = VL2Config.from_json(path)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = model.state_dict()
-        weight_map = load_weight_map(path)
-        missing = [k for k in expected if k not in weight_map]
-        unexpected = [k for k in weight_map if k not in expected]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: checkpoint does not match config.json: "
-                f"{len(missing)} missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                f"{len(unexpected)} unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        dtype = None if torch_dtype in (None, "auto") else torch_dtype
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        weight_map, sources = scan_hf(path)
+        check_against_config(cfg, {k: src.shape for k, src in sources.items()},
+                             lambda k: os.path.join(path, weight_map[k]), path, expected)
+        dtype = parse_dtype(torch_dtype)
         loaded = {}
         for name, tensor in iter_tensors(path, weight_map=weight_map):
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"{os.path.join(path, weight_map[name])}: tensor {name!r} has shape "
-                                      f"{tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             loaded[name] = tensor.to(device)
@@ -226,3 +233,32 @@ class DeepseekVLV2ForCausalLM(nn.Module):
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
         write_hf_shards(specs, state.items(), path, parse_size(max_shard_size))
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One tensor of the model's state_dict: shape, dtype as built, and whether it is a (persistent) buffer."""
+    shape: tuple
+    dtype: torch.dtype
+    is_buffer: bool
+
+
+def state_specs(cfg: VL2Config) -> "OrderedDict[str, StateSpec]":
+    """Every tensor (parameters and persistent buffers) of the model built from ``cfg`` -> :class:`StateSpec`, in
+    state_dict order: the one list of names and shapes, read off the model built on the meta device (no memory;
+    about 1.5 s for base, cached per config)."""
+    return OrderedDict(_state_specs(json.dumps(cfg.to_dict(), sort_keys=True)))
+
+
+def state_shapes(cfg: VL2Config) -> "OrderedDict[str, tuple]":
+    """Name -> shape of every tensor of the model built from ``cfg`` (see :func:`state_specs`)."""
+    return OrderedDict((k, v.shape) for k, v in state_specs(cfg).items())
+
+
+@functools.lru_cache(maxsize=16)
+def _state_specs(config_json: str) -> tuple:
+    cfg = VL2Config.from_dict(json.loads(config_json), validate=False)
+    with torch.device("meta"):
+        model = DeepseekVLV2ForCausalLM(cfg)
+    buffers = {name for name, _ in model.named_buffers()}
+    return tuple((k, StateSpec(tuple(v.shape), v.dtype, k in buffers)) for k, v in model.state_dict().items())

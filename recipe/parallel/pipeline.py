@@ -1,7 +1,8 @@
 """DeepSeek-VL2 as a flat list of DeepSpeed ``LayerSpec``s under ``PipelineModule``.
 
-The layer list follows ``layout.py`` (embed | ViT block x V | projector | decoder x L | head); each layer module is
-built from the plain model's parts, and its state_dict uses the local names ``layout.hf_to_local`` defines.
+The layer list follows ``layout.py`` (embed | ViT block x n_vit | projector | decoder x n_decoder | head); each layer
+module is built from the plain model's parts, and its state_dict uses the local names ``layout.hf_to_local``
+defines. Loading weights into it: ``loading.py``.
 
 What travels through the pipe:
 - stage 0 input (from the data iterator): ``(input_ids, images, images_seq_mask, images_spatial_crop,
@@ -13,6 +14,13 @@ What travels through the pipe:
   buffer per tuple position and reuses it for the gradients of the float outputs whatever its dtype, so a middle
   stage (PP >= 3) with ``(hidden, positions, ..., aux)`` would receive aux's gradient into the int64 positions
   buffer (its float bits read as an integer).
+- inside a stage that holds decoder layers, the micro-batch's attention layout rides at the end of every tuple
+  (``ops.build_attention_layout`` of its segment ids as tensors, ``AttentionLayout.to_tensors``: nothing for plain
+  causal attention, a [B,1,T,T] bool mask, or for packed rows on an accelerator the varlen kernels' cumulative
+  segment lengths on the device and on the host), built once per micro-batch by :meth:`VL2Pipeline.forward`
+  before the stage's first layer and removed after its last, so it never crosses a stage boundary. Building it
+  costs host syncs; built there, outside every checkpointed layer, activation checkpointing's recomputation reuses
+  it instead of building it again. DeepSpeed's layers pass tensors or tuples of tensors, hence the tensor form.
 - last stage labels (from the data iterator): ``(labels [B,T] int64, ce_scale fp32 scalar)``, where ce_scale
   normalises the summed token cross-entropy so that the engine's average over micro-batches and data-parallel
   ranks is the mean over every labelled token of the global batch, as one process would compute it.
@@ -21,7 +29,7 @@ What travels through the pipe:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
@@ -29,13 +37,15 @@ from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentra
 from torch import nn
 
 from recipe.config import VL2Config
-from recipe.model.attention import RMSNorm, build_attention_mask
+from recipe.model.attention import RMSNorm
 from recipe.model.language import DecoderLayer
 from recipe.model.loss import lm_head_loss_sum
+from recipe.model.ops import AttentionLayout, build_attention_layout
 from recipe.model.projector import MlpProjector
 from recipe.model.vision import LN_EPS, AttentionPoolLatent, Block, PatchEmbed
 from recipe.model.vl2 import assemble_image_tokens, check_image_positions, image_layout, select_tiles
-from recipe.parallel import layout as L
+from recipe.parallel import layout
+from recipe.parallel.cost import balanced_decoder_split
 from recipe.parallel.experts import ExpertParallelMoE
 
 
@@ -59,18 +69,18 @@ class EmbedPipe(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.vision_config.num_patches, cfg.vision_config.width))
 
     def forward(self, inputs):
-        input_ids, images, images_seq_mask, spatial_crop, position_ids, segment_ids = inputs
+        input_ids, images, images_seq_mask, spatial_crop, position_ids, segment_ids, *mask = inputs
         embeds = self.embed_tokens(input_ids)
-        tiles, layout = select_tiles(images, spatial_crop.tolist())
-        if not layout:
+        tiles, tile_layout = select_tiles(images, spatial_crop.tolist())
+        if not tile_layout:
             tiles = images.new_zeros(1, *images.shape[2:])
         vit = self.patch_embed(tiles.to(self.pos_embed.dtype)) + self.pos_embed
         aux = _zero_dependency(embeds, vit)
-        return embeds, vit, images_seq_mask, spatial_crop, position_ids, segment_ids, aux
+        return (embeds, vit, images_seq_mask, spatial_crop, position_ids, segment_ids, aux, *mask)
 
 
 class VitBlockPipe(Block):
-    """Layers 1..V: one SigLIP block on the ViT activations; everything else passes through."""
+    """Layers 1..n_vit: one SigLIP block on the ViT activations; everything else passes through."""
 
     def forward(self, x):
         embeds, vit, *rest = x
@@ -78,7 +88,7 @@ class VitBlockPipe(Block):
 
 
 class ProjectorPipe(nn.Module):
-    """Layer V+1: final ViT norm, projector, 2D layout with image_newline / view_seperator, scatter into the
+    """Layer n_vit+1: final ViT norm, projector, 2D layout with image_newline / view_seperator, scatter into the
     text embeddings. ``attn_pool`` is kept (frozen) only so checkpoints round-trip; it is never run."""
 
     def __init__(self, cfg: VL2Config):
@@ -92,33 +102,34 @@ class ProjectorPipe(nn.Module):
         self.view_seperator = nn.Parameter(torch.zeros(D))
 
     def forward(self, x):
-        embeds, vit, images_seq_mask, spatial_crop, position_ids, segment_ids, aux = x
+        embeds, vit, images_seq_mask, spatial_crop, position_ids, segment_ids, aux, *mask = x
         feats = self.projector(self.norm(vit))  # [N, h*h, D]
         crop = spatial_crop.tolist()
         check_image_positions(self.cfg, images_seq_mask, crop)
-        layout = image_layout(crop)
-        if layout:
-            tokens = assemble_image_tokens(feats, layout, len(crop), self.image_newline, self.view_seperator,
+        views = image_layout(crop)
+        if views:
+            tokens = assemble_image_tokens(feats, views, len(crop), self.image_newline, self.view_seperator,
                                            self.cfg.global_view_pos == "head")
             hidden = embeds.masked_scatter(images_seq_mask.bool()[..., None], torch.cat(tokens).to(embeds.dtype))
         else:
             hidden = embeds + _zero_dependency(feats, self.image_newline, self.view_seperator).to(embeds.dtype)
-        return hidden, aux, position_ids, segment_ids
+        return (hidden, aux, position_ids, segment_ids, *mask)
 
 
 class DecoderPipe(DecoderLayer):
     """Decoder layers: the plain layer, with DeepSpeed's expert-parallel MoE in MoE layers; adds its balance
-    loss to the running ``aux``."""
+    loss to the running ``aux``. The stage's attention layout comes last in the tuple (see the module docstring)."""
 
-    def __init__(self, cfg: VL2Config, layer_idx: int, ep_size: int):
-        super().__init__(cfg.language_config, layer_idx, moe_factory=lambda lc: ExpertParallelMoE(lc, ep_size))
+    def __init__(self, cfg: VL2Config, layer_idx: int, ep_size: int, moe_dispatcher: str = "exact"):
+        super().__init__(cfg.language_config, layer_idx,
+                         moe_factory=lambda lc: ExpertParallelMoE(lc, ep_size, moe_dispatcher))
 
     def forward(self, x):
-        hidden, aux, position_ids, segment_ids = x
-        hidden, layer_aux = super().forward(hidden, position_ids, build_attention_mask(segment_ids), segment_ids)
+        hidden, aux, position_ids, segment_ids, *attn = x
+        hidden, layer_aux = super().forward(hidden, position_ids, AttentionLayout.from_tensors(attn), segment_ids)
         if layer_aux is not None:
             aux = aux + layer_aux
-        return hidden, aux, position_ids, segment_ids
+        return (hidden, aux, position_ids, segment_ids, *attn)
 
 
 class HeadPipe(nn.Module):
@@ -131,49 +142,59 @@ class HeadPipe(nn.Module):
         self.lm_head = nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)
 
     def forward(self, x):
-        hidden, aux, _, _ = x
+        hidden, aux, *_ = x  # positions, segment ids and the stage's attention mask end here
         return self.norm(hidden), aux
 
 
-def layer_specs(cfg: VL2Config, ep_size: int) -> list[LayerSpec]:
+# The module class of each layer kind.
+LAYER_CLASSES = {layout.EMBED: EmbedPipe, layout.VIT_BLOCK: VitBlockPipe, layout.PROJECTOR: ProjectorPipe,
+                 layout.DECODER: DecoderPipe, layout.HEAD: HeadPipe}
+
+
+def _layer_spec(cfg: VL2Config, layer: layout.PipeLayer, ep_size: int, moe_dispatcher: str = "exact") -> LayerSpec:
+    cls = LAYER_CLASSES[layer.kind]
+    if layer.kind == layout.VIT_BLOCK:
+        return LayerSpec(cls, cfg.vision_config)
+    if layer.kind == layout.DECODER:
+        return LayerSpec(cls, cfg, layer.block, ep_size, moe_dispatcher)
+    return LayerSpec(cls, cfg)
+
+
+def layer_specs(cfg: VL2Config, ep_size: int, moe_dispatcher: str = "exact") -> list[LayerSpec]:
     """One LayerSpec per ``layout.build_layout`` entry, in order."""
-    specs = []
-    for layer in L.build_layout(cfg):
-        if layer.kind == L.EMBED:
-            specs.append(LayerSpec(EmbedPipe, cfg))
-        elif layer.kind == L.VIT_BLOCK:
-            specs.append(LayerSpec(VitBlockPipe, cfg.vision_config))
-        elif layer.kind == L.PROJECTOR:
-            specs.append(LayerSpec(ProjectorPipe, cfg))
-        elif layer.kind == L.DECODER:
-            specs.append(LayerSpec(DecoderPipe, cfg, layer.block, ep_size))
-        else:
-            specs.append(LayerSpec(HeadPipe, cfg))
-    return specs
+    return [_layer_spec(cfg, layer, ep_size, moe_dispatcher) for layer in layout.build_layout(cfg)]
 
 
 class VL2Pipeline(PipelineModule):
     """The pipeline: exact stage boundaries from ``layout.stage_parts``, dynamic shapes (micro-batches are padded
-    to length buckets), optional non-reentrant activation checkpointing of ViT and decoder layers, and the
-    token-normalised loss. ``get_additional_losses`` reports ``ce`` and ``aux`` separately."""
+    to length buckets), optional non-reentrant activation checkpointing of each ViT block and decoder layer
+    (``layout.CHECKPOINTED_KINDS``), the attention mask built once per micro-batch and stage, and the
+    token-normalised loss (LM head ``recipe.model.loss.LM_HEAD_CHUNK_TOKENS`` tokens at a time).
+    ``get_additional_losses`` reports ``ce`` and ``aux`` separately."""
 
     def __init__(self, cfg: VL2Config, num_stages: int, ep_size: int = 1,
                  decoder_split: Optional[Sequence[int]] = None, activation_checkpointing: bool = False,
-                 lm_loss_chunk: int = 2048):
+                 moe_dispatcher: str = "exact"):
         self.cfg = cfg
         self.ep_size = ep_size
-        self.parts_override = L.stage_parts(cfg, num_stages, decoder_split)
-        self.lm_loss_chunk = lm_loss_chunk
-        super().__init__(layers=layer_specs(cfg, ep_size), num_stages=num_stages, loss_fn=self.loss,
+        split = decoder_split if decoder_split is not None else balanced_decoder_split(cfg, num_stages)
+        self.parts_override = layout.stage_parts(cfg, num_stages, split)
+        super().__init__(layers=layer_specs(cfg, ep_size, moe_dispatcher), num_stages=num_stages, loss_fn=self.loss,
                          partition_method="explicit",
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
                          activation_checkpoint_func=non_reentrant_checkpoint,
-                         checkpointable_layers=["VitBlockPipe", "DecoderPipe"], dynamic_shape=True)
-        self.layout = L.build_layout(cfg)
+                         checkpointable_layers=[LAYER_CLASSES[kind].__name__ for kind in layout.CHECKPOINTED_KINDS],
+                         dynamic_shape=True)
+        self._precompute_checkpointable_values()  # the engine does this too; here so the module also runs alone
+        self.pipe_layers = layout.build_layout(cfg)
+        kinds = [layer.kind for layer, _ in self.local_layers()]
+        self.builds_mask = layout.DECODER in kinds  # this stage's decoder layers need the attention mask
+        self.holds_head = kinds[-1] == layout.HEAD
         self._losses = OrderedDict(ce=torch.zeros(()), aux=torch.zeros(()))
-        for name, p in self.named_parameters():
-            if ".attn_pool." in name:
-                p.requires_grad_(False)  # never computed
+        for layer, m in self.local_layers():
+            for name, p in m.named_parameters():
+                if layout.local_to_hf(layer, name).startswith(layout.ALWAYS_FROZEN):
+                    p.requires_grad_(False)
 
     # DeepSpeed's built-in partition methods cannot express an arbitrary split (e.g. ViT + 13 | 17 + head).
     def _partition_layers(self, method="explicit"):
@@ -183,10 +204,20 @@ class VL2Pipeline(PipelineModule):
                              f"{self.num_stages} stages")
         self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
+    def forward(self, forward_input):
+        """One micro-batch through this stage's layers. The stage's input (the data batch on stage 0, the
+        boundary tuple after it) ends with the segment ids; the attention mask built from them is appended for the
+        decoder layers, and taken off again before the output leaves a stage that does not end with the head."""
+        if not self.builds_mask:
+            return super().forward(forward_input)
+        attn = build_attention_layout(forward_input[-1]).to_tensors()
+        out = super().forward((*forward_input, *attn))
+        return out if self.holds_head or not attn else out[:-len(attn)]
+
     # --- which layers and experts this rank holds --------------------------------------------------------------
-    def local_layers(self) -> list[tuple[L.PipeLayer, nn.Module]]:
+    def local_layers(self) -> list[tuple[layout.PipeLayer, nn.Module]]:
         """(layout entry, module) for every layer on this stage."""
-        return [(self.layout[self._local_start + i], m) for i, m in enumerate(self.forward_funcs)]
+        return [(self.pipe_layers[self._local_start + i], m) for i, m in enumerate(self.forward_funcs)]
 
     @property
     def dp_rank(self) -> int:
@@ -208,7 +239,7 @@ class VL2Pipeline(PipelineModule):
         hidden, aux = outputs
         labels_BT, ce_scale = labels
         head = self.forward_funcs[-1]
-        ce = lm_head_loss_sum(hidden, head.lm_head.weight, labels_BT, self.lm_loss_chunk) * ce_scale.float()
+        ce = lm_head_loss_sum(hidden, head.lm_head.weight, labels_BT) * ce_scale.float()
         self._losses = OrderedDict(ce=ce.detach().clone(), aux=aux.detach().float().clone())
         return ce + aux
 
@@ -227,63 +258,25 @@ def pipe_batch(batch: dict, ce_scale: float) -> tuple[tuple, tuple]:
     return inputs, (batch["labels"], torch.tensor(float(ce_scale)))
 
 
-def freeze(module: nn.Module, vision: bool = False, projector: bool = False, language: bool = False,
-           embeddings: bool = False) -> list[str]:
-    """Freeze parts of a pipeline (or plain) model by HF-name family; returns the frozen parameter names.
+def freeze(module: VL2Pipeline, **parts: bool) -> list[str]:
+    """Freeze parts of this rank's pipeline layers; returns the HF names of the parameters frozen.
 
-    vision: patch/position embedding, ViT blocks, final ViT norm. projector: projector MLP, image_newline,
-    view_seperator. language: decoder layers, final norm, LM head. embeddings: the token embedding table.
+    ``parts`` are the switches of ``recipe.freeze`` (``layout.FREEZE_GROUPS``), each tensor going by
+    ``layout.freeze_group``: vision (patch/position embedding, ViT blocks, final ViT norm), projector (projector
+    MLP, image_newline, view_seperator), language (decoder layers, final norm, LM head), embeddings (the token
+    embedding table). Pipeline modules only (a TypeError otherwise): a plain model has no pipeline layers to map
+    names through; set ``requires_grad`` on its parameters directly.
     """
-    frozen = []
     if not isinstance(module, VL2Pipeline):
-        raise TypeError("freeze() expects a VL2Pipeline")
+        raise TypeError(f"freeze() takes a VL2Pipeline, not {type(module).__name__}")
+    unknown = sorted(set(parts) - set(layout.FREEZE_GROUPS))
+    if unknown:
+        raise ValueError(f"unknown parts {unknown} to freeze; expected some of {layout.FREEZE_GROUPS}")
+    frozen = []
     for layer, m in module.local_layers():
         for local_name, p in m.named_parameters():
-            hf = L.local_to_hf(layer, local_name)
-            part = ("embeddings" if hf.startswith("language.model.embed_tokens") else
-                    "language" if hf.startswith("language.") else
-                    "projector" if hf.startswith(("projector.", "image_newline", "view_seperator")) else "vision")
-            if {"vision": vision, "projector": projector, "language": language, "embeddings": embeddings}[part]:
+            hf = layout.local_to_hf(layer, local_name)
+            if parts.get(layout.freeze_group(hf)):
                 p.requires_grad_(False)
                 frozen.append(hf)
     return frozen
-
-
-def tensor_source_from_state_dict(state_dict: dict) -> Callable:
-    """A layer-tensor source over a full HF-named state dict (tests, and loading a plain model)."""
-    def fetch(layer: L.PipeLayer, expert_ids: Sequence[int]) -> dict:
-        return {k: state_dict[k] for k in L.keys_for_rank(state_dict, layer, expert_ids)}
-    return fetch
-
-
-@torch.no_grad()
-def load_layers(module: VL2Pipeline, fetch: Callable) -> int:
-    """Fill this rank's layers from a tensor source ``fetch(layer, expert_ids) -> {hf_key: tensor}`` (the
-    converted checkpoint, or a plain model's state dict), taking only this rank's experts and renumbering them
-    from global to rank-local ids. Strict: every local tensor must be filled, none may be left over.
-    Returns the number of tensors loaded."""
-    expert_ids = module.local_expert_ids()
-    first = expert_ids[0] if expert_ids else 0
-    n = 0
-    for layer, m in module.local_layers():
-        tensors = fetch(layer, expert_ids)
-        local = {}
-        for hf_key, t in tensors.items():
-            name = L.hf_to_local(layer, hf_key)
-            e = L.expert_id_of_local(name)
-            if e is not None:
-                name = L.renumber_expert(name, e - first)
-            local[name] = t
-        own = m.state_dict()
-        missing = sorted(set(own) - set(local))
-        extra = sorted(set(local) - set(own))
-        if missing or extra:
-            raise KeyError(f"pipeline layer {layer.index} ({layer.kind}): missing {missing[:6]}, unexpected "
-                           f"{extra[:6]}")
-        for name, t in local.items():
-            if own[name].shape != t.shape:
-                raise ValueError(f"pipeline layer {layer.index}: {L.local_to_hf(layer, name)} has shape "
-                                 f"{tuple(t.shape)}, the model expects {tuple(own[name].shape)}")
-            own[name].copy_(t)
-            n += 1
-    return n

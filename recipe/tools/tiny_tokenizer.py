@@ -33,9 +33,9 @@ def corpus() -> list[str]:
                "{t} comes next.", "It is in the top right corner.", "It is {c}."]
     lines = []
     for i, (c, s, t) in enumerate(itertools.product(colours, shapes, topics[:6])):
-        l, n = "ABCD"[i % 4], i % 10
-        lines.append(questions[i % len(questions)].format(s=s, c=c, t=t, l=l))
-        lines.append(answers[i % len(answers)].format(s=s, c=c, t=t, l=l, n=n))
+        letter, n = "ABCD"[i % 4], i % 10
+        lines.append(questions[i % len(questions)].format(s=s, c=c, t=t, l=letter))
+        lines.append(answers[i % len(answers)].format(s=s, c=c, t=t, l=letter, n=n))
     lines += [f"Options: A. {a} B. {b} C. {c} D. {d}" for a, b, c, d in zip(topics, topics[1:], topics[2:], topics[3:])]
     lines += ["Answer with the option's letter from the given choices directly.", "Describe the image.",
               "0 1 2 3 4 5 6 7 8 9 10 100 1000", "The diagram shows the life cycle of a frog.",

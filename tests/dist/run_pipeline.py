@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recipe.tools.synthetic_batches import collate, label_count, synthetic_samples  # noqa: E402
+from recipe.tools.synthetic_batches import collate, collate_packed, label_count, synthetic_samples  # noqa: E402
 
 from recipe.parallel.dist import init_distributed  # noqa: E402
 
@@ -32,20 +32,32 @@ def main():
     p.add_argument("--act-ckpt", action="store_true")
     p.add_argument("--freeze", default="", help="comma-separated parts: vision,projector,language,embeddings")
     p.add_argument("--converted", default=None, help="load from this converted directory instead of --ckpt")
+    p.add_argument("--moe-dispatcher", default="exact", choices=["exact", "capacity"])
+    p.add_argument("--pack", type=int, default=0,
+                   help="pack this many samples into each micro-batch's one row (micro-batch size 1) instead of "
+                        "padding --mbs rows")
+    p.add_argument("--attention", default=None, choices=["dense", "varlen"], help="RECIPE_ATTENTION for packed rows")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.attention:
+        os.environ["RECIPE_ATTENTION"] = a.attention
+    per_micro = a.pack or a.mbs  # samples per micro-batch
+    if a.pack:
+        a.mbs = 1
 
     rank, world = init_distributed()
     import deepspeed
 
     from recipe.model import DeepseekVLV2ForCausalLM
-    from recipe.parallel.pipeline import VL2Pipeline, freeze, load_layers, pipe_batch, tensor_source_from_state_dict
+    from recipe.parallel.loading import load_layers, tensor_source_from_state_dict
+    from recipe.parallel.pipeline import VL2Pipeline, freeze, pipe_batch
+    from recipe.train_config import RunLayout
 
     plain = DeepseekVLV2ForCausalLM.from_pretrained(a.ckpt, torch_dtype=torch.float32)
     cfg = plain.config
     split = [int(x) for x in a.split.split(",")] if a.split else None
     module = VL2Pipeline(cfg, num_stages=a.stages, ep_size=a.ep, decoder_split=split,
-                         activation_checkpointing=a.act_ckpt)
+                         activation_checkpointing=a.act_ckpt, moe_dispatcher=a.moe_dispatcher)
     if a.converted:
         from recipe.parallel.loading import load_pretrained
         load_pretrained(module, a.converted)
@@ -66,13 +78,16 @@ def main():
     params = [q for q in module.parameters() if q.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
     dp_rank = module.dp_rank
-    G = a.mbs * a.gas * dp
+    G = per_micro * a.gas * dp
+    run = RunLayout.from_config({"pipeline_stages": a.stages, "expert_parallel_size": a.ep, "decoder_split": split,
+                                 "freeze": dict.fromkeys(frozen_parts, True)}, ds_config, cfg, world)
     samples = synthetic_samples(module.cfg, G * a.steps, a.seed)
     losses, extras = [], []
     for step in range(a.steps):
         chunk = samples[step * G:(step + 1) * G]
-        scale = a.gas * dp / label_count(collate(chunk))
-        micro = [collate(chunk[(m * dp + dp_rank) * a.mbs:(m * dp + dp_rank + 1) * a.mbs]) for m in range(a.gas)]
+        scale = run.ce_scale(label_count(collate(chunk)))
+        mine = [chunk[(m * dp + dp_rank) * per_micro:(m * dp + dp_rank + 1) * per_micro] for m in range(a.gas)]
+        micro = [collate_packed([part]) if a.pack else collate(part) for part in mine]
         loss = engine.train_batch(iter([pipe_batch(b, scale) for b in micro]))
         losses.append(float(loss))
         extras.append({k: float(v) for k, v in (engine.agg_additional_losses or {}).items()})

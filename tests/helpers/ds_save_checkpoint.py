@@ -65,9 +65,9 @@ class Holder(nn.Module):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
+        from recipe.checkpoint.converted import load_manifest
         from recipe.config import VL2Config
         from recipe.parallel import layout as L
-        from recipe.parallel.checkpoint import load_manifest
         cfg = VL2Config.from_json(ds_dir)
         layer = L.build_layout(cfg)[index]
         entry = load_manifest(ds_dir)["layers"][index]
@@ -90,9 +90,9 @@ def load_weights(engine, ds_dir: str) -> None:
     """Fill each local layer from the converted directory (this rank's experts, renumbered to local ids)."""
     from deepspeed.utils import groups
 
+    from recipe.checkpoint.converted import load_manifest, read_layer
     from recipe.config import VL2Config
     from recipe.parallel import layout as L
-    from recipe.parallel.checkpoint import load_manifest, read_layer
     cfg = VL2Config.from_json(ds_dir)
     layers = L.build_layout(cfg)
     manifest = load_manifest(ds_dir)
@@ -138,10 +138,11 @@ def main() -> None:
 
     from recipe.config import VL2Config
     from recipe.parallel import layout as L
+    from recipe.parallel.cost import balanced_decoder_split
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = VL2Config.from_json(a.ds_dir)
-    split = [int(x) for x in a.decoder_split.split(",")] if a.decoder_split else None
+    split = [int(x) for x in a.decoder_split.split(",")] if a.decoder_split else balanced_decoder_split(cfg, a.pp)
     parts = L.stage_parts(cfg, a.pp, split)
 
     class Pipe(PipelineModule):

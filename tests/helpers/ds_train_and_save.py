@@ -51,9 +51,11 @@ def main() -> None:
     rank, world = init_distributed()
     import deepspeed
 
+    from recipe.checkpoint.converted import load_manifest, read_layer
     from recipe.config import VL2Config
-    from recipe.parallel.checkpoint import load_manifest, read_layer
-    from recipe.parallel.pipeline import VL2Pipeline, load_layers, pipe_batch
+    from recipe.parallel.loading import load_layers
+    from recipe.parallel.pipeline import VL2Pipeline, pipe_batch
+    from recipe.train_config import RunLayout
 
     cfg = VL2Config.from_json(a.ds_dir)
     split = [int(x) for x in a.split.split(",")] if a.split else None
@@ -69,10 +71,12 @@ def main() -> None:
     params = [q for q in module.parameters() if q.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
     G = gas * dp
+    run = RunLayout.from_config({"pipeline_stages": a.stages, "expert_parallel_size": a.ep, "decoder_split": split},
+                                ds_config, cfg, world)
     samples = synthetic_samples(cfg, G * a.steps, seed=3)
     for step in range(a.steps):
         chunk = samples[step * G:(step + 1) * G]
-        scale = gas * dp / label_count(collate(chunk))
+        scale = run.ce_scale(label_count(collate(chunk)))
         micro = [collate(chunk[m * dp + module.dp_rank:m * dp + module.dp_rank + 1]) for m in range(gas)]
         engine.train_batch(iter([pipe_batch(b, scale) for b in micro]))
     engine.save_checkpoint(a.save_dir, tag=a.tag)

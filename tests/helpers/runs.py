@@ -15,6 +15,7 @@ def write_config(path, inputs, save_dir, ds=None, **recipe):
         "recipe": {"model_dir": inputs["model_dir"], "train_data": inputs["train_data"],
                    "image_root": inputs["image_root"], "save_dir": str(save_dir), "pipeline_stages": 2,
                    "decoder_split": [2, 1], "expert_parallel_size": 2, "max_seq_len": 1024, "seq_bucket": 32,
+                   "max_tiles_per_row": 40,
                    "train_steps": 6, "num_workers": 0, **recipe},
     }
     cfg.update(ds or {})
