@@ -1,13 +1,11 @@
-"""The DeepSpeed gate adapter and the stage layout, on one process (the multi-process runs are in test_train.py)."""
+"""The DeepSpeed gate adapter, on one process (the multi-process runs are in test_train.py; the stage layout:
+test_layout.py)."""
 
 import pytest
 import torch
 
-from recipe.config import ConfigError, VL2Config, tiny_config
-from recipe.parallel import layout as L
+from recipe.config import tiny_config
 from recipe.parallel.experts import DeepSeekGate, slot_locations
-
-from conftest import RELEASED_CONFIGS
 
 
 def test_slot_locations_number_routes_per_expert_in_slot_token_order():
@@ -48,16 +46,40 @@ def test_correction_bias_update_moves_toward_balance():
     assert torch.all(delta[2:] == 0)
 
 
-def test_stage_parts_and_the_seed_split():
-    base = VL2Config.from_json(f"{RELEASED_CONFIGS}/base.json")
-    assert L.stage_parts(base, 2, [13, 17]) == [0, 42, 60]
-    assert L.balanced_decoder_split(base, 2) == [13, 17]  # FLOPs-balanced = the original recipe's split
-    assert L.stage_parts(base, 1) == [0, 60]
-    with pytest.raises(ConfigError, match="add up to"):
-        L.stage_parts(base, 2, [13, 16])
-    with pytest.raises(ConfigError, match="stage 0 .* holds no MoE layer"):
-        L.stage_parts(base, 2, [1, 29])  # layer 0 is dense: stage 0 would hang in DeepSpeed's expert collectives
-    layers = L.build_layout(base)
-    assert [l.kind for l in layers[:2]] == ["embed", "vit_block"] and layers[28].kind == "projector"
-    assert layers[29].kind == "decoder" and not layers[29].is_moe and layers[30].is_moe
-    assert layers[-1].kind == "head" and len(layers) == 60
+def test_both_dispatchers_keep_deepspeeds_moe_names_and_expert_attributes():
+    """The exact path stays a ``deepspeed.moe.layer.MoE`` holding a ``MOELayer``, with the same state-dict names
+    (so DeepSpeed files experts by global id, and resume, ds_to_hf and the converted layout are unchanged) and
+    DeepSpeed's ``allreduce=False`` / ``group_name`` on every expert parameter (expert-data-parallel reduction)."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.sharded_moe import MOELayer
+
+    from recipe.parallel import layout
+    from recipe.parallel.experts import ExactSplitMOELayer, ExpertParallelMoE
+
+    lc = tiny_config("base").language_config
+    exact, capacity = ExpertParallelMoE(lc, 2, "exact"), ExpertParallelMoE(lc, 2, "capacity")
+    assert isinstance(exact.moe, MoE) and isinstance(exact.moe.deepspeed_moe, ExactSplitMOELayer)
+    assert isinstance(exact.moe.deepspeed_moe, MOELayer) and type(capacity.moe.deepspeed_moe) is MOELayer
+    assert list(exact.state_dict()) == list(capacity.state_dict())
+    experts = [n for n in exact.state_dict() if n.startswith("moe.deepspeed_moe.experts.deepspeed_experts.")]
+    assert len(experts) == 3 * lc.n_routed_experts // 2  # this rank's half, local ids 0..E/2-1
+    assert all(("mlp." + n).startswith(layout.MOE_EXPERTS) for n in experts)
+    for n, p in exact.named_parameters():
+        is_expert = n.startswith("moe.deepspeed_moe.experts.")
+        assert getattr(p, "allreduce", True) is (not is_expert), n
+        assert getattr(p, "group_name", None) == ("ep_size_2" if is_expert else None), n
+    # inside the MoE module nothing but the routed experts has "expert" in its name (DeepSpeed's checkpointing
+    # files every such tensor as an expert weight); shared_experts sit outside it
+    assert all("expert" not in n for n in exact.moe.state_dict() if not n.startswith("deepspeed_moe.experts."))
+    with pytest.raises(ValueError, match="moe_dispatcher='padded'"):
+        ExpertParallelMoE(lc, 1, "padded")
+
+
+def test_gate_route_is_what_both_paths_share():
+    lc = tiny_config("base").language_config
+    gate = DeepSeekGate(lc).train()
+    x = torch.randn(10, lc.hidden_size)
+    routing, l_aux, load = gate.route(x, torch.zeros(10, dtype=torch.long))
+    assert torch.equal(load, torch.bincount(routing.topk_idx.reshape(-1), minlength=lc.n_routed_experts))
+    out = gate(x, torch.zeros(10, dtype=torch.long), True)
+    assert torch.equal(out[0], l_aux) and torch.equal(out[6], load)

@@ -1,11 +1,15 @@
-"""DeepSeek-V2 mixture of experts: router, routed experts, shared experts, a local dropless dispatcher and the
-sequence-level load-balancing loss.
+"""DeepSeek-V2 mixture of experts: router, routed experts, shared experts, the sequence-level load-balancing loss,
+and the dispatch machinery every MoE layer shares (single device and expert parallel).
 
-The forward reads as route -> dispatch -> experts -> combine. Routing math is pure functions of fp32 scores so the
-DeepSpeed expert-parallel wrapper (``recipe/parallel/experts.py``) reuses it unchanged.
+The forward reads as route -> dispatch -> experts -> combine: the router picks K experts per token (fp32); a
+:class:`TokenDispatcher` brings each route's token row to its expert, grouped by expert (:class:`LocalDispatcher`
+here, a permutation; the expert-parallel all-to-all one is ``recipe/parallel/dispatch.py``); the experts run as one
+grouped GEMM per projection (:class:`RoutedExperts`, ``ops.grouped_linear``); combine brings the rows back and sums
+them weighted, in fp32. Dropless and exact: one row per route, no capacity, no padding. Routing math is pure
+functions of fp32 scores, reused unchanged by the DeepSpeed wrapper (``recipe/parallel/experts.py``).
 
 Shape legend: S tokens (flattened batch), D hidden, E routed experts, K experts per token, F expert width,
-G balance groups (a sample, or a packed segment, without padding).
+N = S*K routes, G balance groups (a sample, or a packed segment, without padding) or, for grouped GEMMs, experts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recipe.config import LanguageConfig
+from recipe.model import ops
 
 
 class MLP(nn.Module):
@@ -167,22 +172,156 @@ class MoEGate(nn.Module):
         self.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load).to(self.e_score_correction_bias))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch -> experts -> combine (dropless, exact: no capacity, no padding)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ExpertOrder:
+    """The routes (token s, slot k; route id s*K + k) sorted by expert, stably (by route id within an expert)."""
+    order_N: torch.Tensor      # [N] route id at each sorted position (N = S*K)
+    position_N: torch.Tensor   # [N] sorted position of each route id (the inverse permutation)
+    counts_E: torch.Tensor     # [E] int64 routes per expert
+    k: int                     # routes per token
+
+
+def expert_load(topk_idx_SK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routes per expert, [E] int64 (a scatter-add: unlike bincount, no host synchronisation on accelerators)."""
+    flat = topk_idx_SK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def sort_routes(topk_idx_SK: torch.Tensor, num_experts: int) -> ExpertOrder:
+    """Sort the routes by expert (no host synchronisation)."""
+    flat = topk_idx_SK.reshape(-1)
+    order = flat.argsort(stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return ExpertOrder(order, position, expert_load(topk_idx_SK, num_experts), topk_idx_SK.shape[1])
+
+
+class _GatherRoutes(torch.autograd.Function):
+    """x [S, D] -> one row per route in expert order [N, D]. The backward sums each token's K route gradients
+    (a gather and a sum over K, in slot order: no scatter-add, deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x_SD, order_N, position_N, k):
+        ctx.save_for_backward(position_N)
+        ctx.shape = (x_SD.shape[0], k, x_SD.shape[1])
+        return x_SD.index_select(0, order_N // k)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (position_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, position_N).view(ctx.shape).sum(1), None, None, None
+
+
+class PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` of x's rows; the backward is the inverse gather ``grad[inverse]``
+    (each row lands once, so nothing is accumulated)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_routes(x_SD: torch.Tensor, order: ExpertOrder) -> torch.Tensor:
+    """Token rows, once per route, grouped by expert: [N, D] (N = S*K), block e has ``order.counts_E[e]`` rows."""
+    return _GatherRoutes.apply(x_SD, order.order_N, order.position_N, order.k)
+
+
+def unpermute_combine(y_ND: torch.Tensor, topk_weight_SK: torch.Tensor, order: ExpertOrder) -> torch.Tensor:
+    """Expert outputs back to their tokens, weighted and summed over the K slots in fp32: [S, D] in y's dtype."""
+    S, K = topk_weight_SK.shape
+    y_SKD = PermuteRows.apply(y_ND, order.position_N, order.order_N).view(S, K, y_ND.shape[-1])
+    return torch.bmm(topk_weight_SK.float().unsqueeze(1), y_SKD.float()).squeeze(1).to(y_ND.dtype)
+
+
+class TokenDispatcher:
+    """Brings every route's token row to the rank that holds its expert and the outputs back; the only part of
+    the MoE block that knows where experts live. ``dispatch`` returns the rows for this rank's local experts,
+    grouped by local expert, their counts (a device tensor), and a handle that ``combine`` needs."""
+
+    num_experts: int
+
+    def dispatch(self, x_SD: torch.Tensor, topk_idx_SK: torch.Tensor):
+        raise NotImplementedError
+
+    def combine(self, y_ND: torch.Tensor, topk_weight_SK: torch.Tensor, handle) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalDispatcher(TokenDispatcher):
+    """All experts on this device: dispatch is a permutation by expert, combine its inverse plus the weighted sum."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x_SD: torch.Tensor, topk_idx_SK: torch.Tensor):
+        order = sort_routes(topk_idx_SK, self.num_experts)
+        return permute_routes(x_SD, order), order.counts_E, order
+
+    def combine(self, y_ND: torch.Tensor, topk_weight_SK: torch.Tensor, handle: ExpertOrder) -> torch.Tensor:
+        return unpermute_combine(y_ND, topk_weight_SK, handle)
+
+
+def expert_weight_groups(experts) -> tuple[list, list]:
+    """The experts' weights as grouped-GEMM operands: [gate_proj, up_proj] per expert (one GEMM over both,
+    N = 2F) and [down_proj] per expert."""
+    return ([[e.gate_proj.weight, e.up_proj.weight] for e in experts], [[e.down_proj.weight] for e in experts])
+
+
+def pack_experts(experts) -> None:
+    """Lay the experts' weights out in one storage (per expert: gate, up, down) so the grouped GEMMs read them
+    as strided views instead of copies; under DeepSpeed the ZeRO flat buffer already has this layout."""
+    ops.pack_rows([[e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight] for e in experts])
+
+
+def grouped_experts(x_ND: torch.Tensor, tokens_per_expert_G: torch.Tensor, experts) -> torch.Tensor:
+    """SwiGLU of every expert on its block of rows: two grouped GEMMs (gate+up, down). [N, D] -> [N, D]."""
+    gate_up, down = expert_weight_groups(experts)
+    gate, up = ops.grouped_linear(x_ND, gate_up, tokens_per_expert_G).chunk(2, dim=-1)
+    return ops.grouped_linear(F.silu(gate) * up, down, tokens_per_expert_G)
+
+
+class RoutedExperts(nn.ModuleList):
+    """The routed experts, ``experts.{e}`` (one SwiGLU :class:`MLP` each, the checkpoint's names), called together:
+    ``experts(x_ND, tokens_per_expert_G)`` runs every expert on its block of rows as grouped GEMMs."""
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_G: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(x_ND, tokens_per_expert_G, self)
+
+
+def experts_reference(x_ND: torch.Tensor, tokens_per_expert_G: torch.Tensor, experts) -> torch.Tensor:
+    """:func:`grouped_experts` as a loop over the expert modules (the reference)."""
+    blocks = x_ND.split(tokens_per_expert_G.tolist())
+    outs = [expert(block) for expert, block in zip(experts, blocks)]
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, x_ND.shape[-1])
+
+
+def routed_experts(x_SD: torch.Tensor, routing: "Routing", experts: nn.Module,
+                   dispatcher: TokenDispatcher) -> torch.Tensor:
+    """The routed part of the MoE block: dispatch -> experts -> combine. [S, D] -> [S, D] in x's dtype.
+
+    ``experts(x_ND, tokens_per_expert_G)`` computes the dispatcher's local experts (:class:`RoutedExperts`)."""
+    x_ND, tokens_per_expert, handle = dispatcher.dispatch(x_SD, routing.topk_idx)
+    y_ND = experts(x_ND, tokens_per_expert)
+    return dispatcher.combine(y_ND, routing.topk_weight, handle)
+
+
 def dispatch_local(x_SD: torch.Tensor, topk_idx_SK: torch.Tensor, topk_weight_SK: torch.Tensor,
                    experts: nn.ModuleList) -> torch.Tensor:
-    """Dropless single-device dispatch: sort the (token, slot) pairs by expert, run each expert once on its
-    contiguous block, and sum the fp32-weighted outputs back per token. Returns [S, D] in x's dtype."""
-    S, D = x_SD.shape
-    K = topk_idx_SK.shape[1]
-    flat_idx = topk_idx_SK.reshape(-1)
-    order = flat_idx.argsort(stable=True)
-    token_of_slot = order // K
-    counts = torch.bincount(flat_idx, minlength=len(experts)).tolist()
-    blocks = x_SD[token_of_slot].split(counts)
-    outs = [expert(block) for expert, block, n in zip(experts, blocks, counts) if n]
-    out_sorted = torch.cat(outs) if outs else x_SD.new_zeros(0, D)
-    weighted = out_sorted.float() * topk_weight_SK.reshape(-1)[order, None]
-    return torch.zeros(S, D, dtype=torch.float32, device=x_SD.device).index_add_(
-        0, token_of_slot, weighted).to(x_SD.dtype)
+    """Dropless single-device MoE output [S, D] of all ``experts`` (SwiGLU :class:`MLP`s) for the given routes:
+    :func:`routed_experts` with a :class:`LocalDispatcher`."""
+    if not isinstance(experts, RoutedExperts):
+        experts = RoutedExperts(experts)
+    return routed_experts(x_SD, Routing(topk_idx_SK, topk_weight_SK, None), experts, LocalDispatcher(len(experts)))
 
 
 class DeepseekV2MoE(nn.Module):
@@ -193,9 +332,18 @@ class DeepseekV2MoE(nn.Module):
         self.aux_loss_alpha = cfg.aux_loss_alpha
         self.seq_aux = cfg.seq_aux
         self.gate = MoEGate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = RoutedExperts(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
                                      for _ in range(cfg.n_routed_experts))
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
+        # Expert weights in one storage, so the grouped GEMMs read them without a copy; kept so after loading
+        # (load_state_dict may assign new tensors) and after .to() / .float() / ... (they allocate new ones).
+        pack_experts(self.experts)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: pack_experts(module.experts))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        pack_experts(self.experts)
+        return self
 
     def forward(self, x_BTD: torch.Tensor, segment_ids_BT: Optional[torch.Tensor] = None):
         """Returns (y [B, T, D], aux loss fp32 scalar or None). The aux loss is computed in training mode when
@@ -203,7 +351,7 @@ class DeepseekV2MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_SD = x_BTD.reshape(-1, D)
         routing = self.gate(x_SD)
-        y = dispatch_local(x_SD, routing.topk_idx, routing.topk_weight, self.experts)
+        y = routed_experts(x_SD, routing, self.experts, LocalDispatcher(len(self.experts)))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_SD)
         aux = None
