@@ -1,7 +1,8 @@
 """Convert InternVL SFT jsonl (e.g. ai2d_train_12k.jsonl) into DeepSeek-VL2 conversations, validating every record.
 
     python recipe/prepare_ai2d.py --input ai2d_train_12k.jsonl --image-root playground/data/ai2d \\
-        --output ai2d_dsvl.jsonl [--num-workers 4] [--max-invalid-fraction 0.01] [--no-decode-check]
+        --output ai2d_dsvl.jsonl [--num-workers 4] [--max-invalid-fraction 0.01] [--no-decode-check] \\
+        [--val-fraction 0.02 --val-output ai2d_val.jsonl]
 
 Input, one JSON object per line (InternVL-Chat-V1-2-SFT-Data):
     {"id": ..., "image": "rel/path.png" | "images": [...] (or neither: text-only),
@@ -28,6 +29,11 @@ the records are invalid. Blank lines are counted apart; a UTF-8 byte-order mark 
 An output or report path that cannot be written (e.g. under a regular file) is an error (exit code 2) before any
 work is done.
 
+Validation split (--val-fraction F --val-output PATH): a valid record goes to the validation file instead of the
+output when a hash of its id (sha256 of the id as JSON, so "7" and 7 differ) falls below F, so the split depends only
+on the ids: the same records are held out however the input is ordered or chunked, and records sharing an id land
+on the same side. The report counts both sides.
+
 The input is streamed in chunks (memory does not grow with its size) through --num-workers processes; the output
 and the report are written to temporary files and renamed into place, so an interrupted run leaves no partial
 output, and re-running gives byte-identical files.
@@ -36,6 +42,8 @@ output, and re-running gives byte-identical files.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -389,6 +397,15 @@ def _install(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def in_validation_split(rec_id, fraction: float) -> bool:
+    """Whether the record with id ``rec_id`` (a string or an integer) is held out for validation: the first 8
+    bytes of sha256(json id) as a fraction of 2**64, below ``fraction``. Depends on the id alone."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(json.dumps(rec_id, ensure_ascii=False).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
 @dataclass
 class Summary:
     input: str
@@ -400,6 +417,10 @@ class Summary:
     blank_lines: int = 0
     fixed_missing_placeholder: int = 0
     duplicate_ids: int = 0
+    train_records: int = 0
+    val_records: int = 0
+    val_fraction: float = 0.0
+    val_output: Optional[str] = None
     invalid_fraction: float = 0.0
     max_invalid_fraction: float = 0.0
     status: str = "ok"
@@ -409,11 +430,15 @@ class Summary:
 def prepare(input_path: str, image_root: str, output_path: str, report_path: Optional[str] = None,
             num_workers: int = 1, max_invalid_fraction: float = 0.01, decode_check: bool = True,
             max_image_pixels: Optional[int] = DEFAULT_MAX_PIXELS, prepend_missing_image: bool = False,
-            chunk_lines: int = 64, progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES) -> dict:
+            chunk_lines: int = 64, progress: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
+            val_fraction: float = 0.0, val_output_path: Optional[str] = None) -> dict:
     """Convert and validate; returns the report dict (also written to ``report_path``). When too many records
     are invalid (or there are none) the report's ``status`` starts with "failed" and the output is not written.
     Raises OSError / ValueError (before doing any work) for an unusable input, image root, output or report path;
-    no bad input line makes it raise."""
+    no bad input line makes it raise.
+
+    ``val_fraction`` > 0 holds out the valid records whose id hashes below it (:func:`in_validation_split`)
+    into ``val_output_path`` instead of the output; both files are written, or neither."""
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"{input_path}: no such input file")
     if not os.path.isdir(image_root):
@@ -423,19 +448,35 @@ def prepare(input_path: str, image_root: str, output_path: str, report_path: Opt
     report_path = report_path or output_path + ".report.json"
     if os.path.abspath(report_path) in (os.path.abspath(input_path), os.path.abspath(output_path)):
         raise ValueError("--report must differ from --input and --output")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction={val_fraction}: must be in [0, 1)")
+    if val_fraction > 0 and not val_output_path:
+        raise ValueError("--val-fraction needs --val-output (where the held-out records go)")
+    if val_output_path and val_fraction <= 0:
+        raise ValueError("--val-output needs --val-fraction > 0")
+    if val_output_path and os.path.abspath(val_output_path) in (os.path.abspath(input_path),
+                                                                os.path.abspath(output_path),
+                                                                os.path.abspath(report_path)):
+        raise ValueError("--val-output must differ from --input, --output and --report")
     _check_output_path(output_path, "--output")
     _check_output_path(report_path, "--report")
+    if val_output_path:
+        _check_output_path(val_output_path, "--val-output")
     opts = Options(image_root=image_root, real_root=os.path.realpath(image_root), decode_check=decode_check,
                    max_image_pixels=max_image_pixels, prepend_missing_image=prepend_missing_image,
                    max_line_bytes=max_line_bytes)
     s = Summary(input=input_path, output=output_path, image_root=image_root,
-                max_invalid_fraction=max_invalid_fraction)
+                max_invalid_fraction=max_invalid_fraction, val_fraction=val_fraction, val_output=val_output_path)
     by_reason, skipped, seen_ids, dup_examples = Counter(), [], set(), []
     t0 = time.time()
     out_f, out_tmp = _atomic_writer(output_path)
+    val_f, val_tmp = None, None
     try:
-        with out_f, tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
-                         disable=not progress) as bar:
+        if val_output_path:
+            val_f, val_tmp = _atomic_writer(val_output_path)
+        with out_f, (val_f or contextlib.nullcontext()), \
+                tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="prepare",
+                     disable=not progress) as bar:
             for results, nbytes in ordered_map(process_chunk, read_chunks(input_path, chunk_lines, max_line_bytes),
                                                opts, num_workers):
                 for line_no, line, rec_id, reason, message, fixed in results:
@@ -456,7 +497,12 @@ def prepare(input_path: str, image_root: str, output_path: str, report_path: Opt
                         if len(dup_examples) < 20:
                             dup_examples.append({"line": line_no, "id": rec_id})
                     seen_ids.add(key)
-                    out_f.write(line + "\n")
+                    if val_f is not None and in_validation_split(rec_id, val_fraction):
+                        s.val_records += 1
+                        val_f.write(line + "\n")
+                    else:
+                        s.train_records += 1
+                        out_f.write(line + "\n")
                 bar.update(nbytes)
                 bar.set_postfix(valid=s.valid, invalid=s.invalid, refresh=False)
         s.invalid_fraction = s.invalid / s.records if s.records else 1.0
@@ -468,21 +514,27 @@ def prepare(input_path: str, image_root: str, output_path: str, report_path: Opt
                         f"--max-invalid-fraction {max_invalid_fraction:.2%}")
         report = {**asdict(s), "invalid_by_reason": dict(sorted(by_reason.items())),
                   "duplicate_id_examples": dup_examples, "skipped": skipped}
-        for key in ("input", "output", "image_root"):  # paths from a command line may hold undecodable bytes
-            report[key] = _safe_text(report[key])
+        for key in ("input", "output", "image_root", "val_output"):  # command-line paths may hold undecodable bytes
+            if report[key] is not None:
+                report[key] = _safe_text(report[key])
         rep_f, rep_tmp = _atomic_writer(report_path)
         with rep_f:
             json.dump(report, rep_f, indent=1, ensure_ascii=False)
             rep_f.write("\n")
         _install(rep_tmp, report_path)
         if s.status != "ok":
-            os.unlink(out_tmp)
+            for tmp in (out_tmp, val_tmp):
+                if tmp is not None:
+                    os.unlink(tmp)
             return report
+        if val_tmp is not None:
+            _install(val_tmp, val_output_path)
         _install(out_tmp, output_path)
         return report
     except BaseException:
-        if os.path.exists(out_tmp):
-            os.unlink(out_tmp)
+        for tmp in (out_tmp, val_tmp):
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
@@ -510,6 +562,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-lines", type=int, default=64, help="records per work unit (default: %(default)s)")
     p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
                    help="longer input lines are invalid (line_too_long) and never read whole (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the valid records (by a hash of their id: stable under "
+                        "reordering) for validation; needs --val-output (default: %(default)s = no split)")
+    p.add_argument("--val-output", default=None, help="jsonl for the held-out records (same format as --output)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -521,7 +577,8 @@ def main(argv=None) -> int:
         report = prepare(a.input, a.image_root, a.output, a.report, num_workers=a.num_workers,
                          max_invalid_fraction=a.max_invalid_fraction, decode_check=not a.no_decode_check,
                          max_image_pixels=a.max_image_pixels, prepend_missing_image=a.prepend_missing_image,
-                         chunk_lines=a.chunk_lines, progress=not a.quiet, max_line_bytes=a.max_line_bytes)
+                         chunk_lines=a.chunk_lines, progress=not a.quiet, max_line_bytes=a.max_line_bytes,
+                         val_fraction=a.val_fraction, val_output_path=a.val_output)
     except (OSError, ValueError) as e:  # unusable paths: one line, no traceback
         logger.error("%s", _safe_text(str(e)))
         return 2
@@ -536,7 +593,11 @@ def main(argv=None) -> int:
     if report["status"] != "ok":
         logger.error("%s; nothing written to %s", report["status"], a.output)
         return 1
-    logger.info("wrote %s", a.output)
+    if a.val_output:
+        logger.info("wrote %s (%d records) and %s (%d held-out records)", a.output, report["train_records"],
+                    a.val_output, report["val_records"])
+    else:
+        logger.info("wrote %s", a.output)
     return 0
 
 

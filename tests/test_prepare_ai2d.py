@@ -21,7 +21,7 @@ from PIL import Image
 from recipe.prepare_ai2d import REASONS, main, prepare
 from recipe.tools.make_synthetic_ai2d import make_synthetic_ai2d
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.launch import REPO
 
 
 def huge_png_header(path, w=30000, h=30000):
@@ -542,3 +542,76 @@ def test_fuzz_prepare_never_crashes(tmp_path_factory, fuzz_root, data):
 @given(data=_fuzz_file(max_lines=16))
 def test_fuzz_prepare_never_crashes_with_workers(tmp_path_factory, fuzz_root, data):
     _check_fuzz_run(tmp_path_factory.mktemp("fuzz"), fuzz_root, *data, num_workers=2, chunk_lines=3)
+
+
+# --- validation split (--val-fraction / --val-output) -------------------------------------------------------------
+def _ids(path):
+    return [json.loads(line)["id"] for line in open(path)]
+
+
+def test_val_split_is_by_id_and_stable_under_reordering(tmp_path, synthetic):
+    from recipe.prepare_ai2d import in_validation_split
+
+    inp = synthetic / "ai2d_train.jsonl"
+    out, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    report = prepare(str(inp), str(synthetic), str(out), progress=False, val_fraction=0.25, val_output_path=str(val))
+    train_ids, val_ids = _ids(out), _ids(val)
+    assert report["status"] == "ok" and report["valid"] == 60
+    assert report["train_records"] == len(train_ids) and report["val_records"] == len(val_ids)
+    assert 5 <= len(val_ids) <= 25 and not set(train_ids) & set(val_ids)
+    assert sorted(train_ids + val_ids) == sorted(_ids(inp))
+    assert all(in_validation_split(i, 0.25) for i in val_ids) and not any(in_validation_split(i, 0.25)
+                                                                          for i in train_ids)
+    # reversed input, several workers, small chunks: the same records are held out (in input order)
+    rev = tmp_path / "rev.jsonl"
+    rev.write_text("".join(reversed(open(inp).readlines())))
+    prepare(str(rev), str(synthetic), str(tmp_path / "t2.jsonl"), progress=False, num_workers=2, chunk_lines=7,
+            val_fraction=0.25, val_output_path=str(tmp_path / "v2.jsonl"))
+    assert _ids(tmp_path / "v2.jsonl") == val_ids[::-1] and _ids(tmp_path / "t2.jsonl") == train_ids[::-1]
+    # a larger fraction only adds records; ids are hashed as JSON (7 and "7" are different ids)
+    prepare(str(inp), str(synthetic), str(tmp_path / "t3.jsonl"), progress=False, val_fraction=0.5,
+            val_output_path=str(tmp_path / "v3.jsonl"))
+    assert set(val_ids) < set(_ids(tmp_path / "v3.jsonl"))
+    assert [in_validation_split(k, 0.5) for k in range(40)] != [in_validation_split(str(k), 0.5) for k in range(40)]
+    assert not in_validation_split("anything", 0.0)
+    # without a split nothing changes
+    r = prepare(str(inp), str(synthetic), str(tmp_path / "all.jsonl"), progress=False)
+    assert r["train_records"] == 60 and r["val_records"] == 0 and r["val_output"] is None
+
+
+def test_val_split_flag_errors_and_failed_runs_write_neither_file(tmp_path, synthetic, root):
+    tmp_path = tmp_path / "work"  # the root fixture has its own files in tmp_path
+    tmp_path.mkdir()
+    inp, out = str(synthetic / "ai2d_train.jsonl"), str(tmp_path / "o.jsonl")
+    for kw, msg in [({"val_fraction": 0.1}, "needs --val-output"), ({"val_output_path": str(tmp_path / "v")},
+                                                                   "needs --val-fraction"),
+                    ({"val_fraction": 1.0, "val_output_path": str(tmp_path / "v")}, r"\[0, 1\)"),
+                    ({"val_fraction": -0.1, "val_output_path": str(tmp_path / "v")}, r"\[0, 1\)"),
+                    ({"val_fraction": 0.1, "val_output_path": out}, "must differ")]:
+        with pytest.raises(ValueError, match=msg):
+            prepare(inp, str(synthetic), out, progress=False, **kw)
+    args = ["--input", inp, "--image-root", str(synthetic), "--output", out, "--num-workers", "1", "--quiet"]
+    assert main(args + ["--val-fraction", "0.2"]) == 2
+    (tmp_path / "f.txt").write_text("x")
+    assert main(args + ["--val-fraction", "0.2", "--val-output", str(tmp_path / "f.txt" / "v.jsonl")]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]  # nothing created by the refused runs
+    # too many invalid records: the run fails and writes neither output nor validation file
+    bad = _write_jsonl(tmp_path / "bad.jsonl", ["nope", json.dumps(GOOD)])
+    report = prepare(bad, str(root), str(tmp_path / "t.jsonl"), progress=False, val_fraction=0.5,
+                     val_output_path=str(tmp_path / "v.jsonl"))
+    assert report["status"].startswith("failed")
+    assert not os.path.exists(tmp_path / "t.jsonl") and not os.path.exists(tmp_path / "v.jsonl")
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_val_split_cli(tmp_path, synthetic, caplog):
+    args = ["--input", str(synthetic / "ai2d_train.jsonl"), "--image-root", str(synthetic), "--output",
+            str(tmp_path / "train.jsonl"), "--val-fraction", "0.3", "--val-output", str(tmp_path / "val.jsonl"),
+            "--num-workers", "1", "--quiet"]
+    with caplog.at_level("INFO", logger="prepare_ai2d"):
+        assert main(args) == 0
+    n_train, n_val = len(_ids(tmp_path / "train.jsonl")), len(_ids(tmp_path / "val.jsonl"))
+    assert n_train + n_val == 60 and n_val > 0
+    assert f"({n_train} records)" in caplog.text and f"({n_val} held-out records)" in caplog.text
+    report = json.load(open(tmp_path / "train.jsonl.report.json"))
+    assert report["val_fraction"] == 0.3 and report["val_output"] == str(tmp_path / "val.jsonl")

@@ -1,8 +1,9 @@
 """Decoder self-attention: MHA (tiny; Llama-style half-rotation RoPE over the whole head) and MLA (small/base;
 DeepSeek-V2 multi-head latent attention with interleaved RoPE on the rope dims only).
 
-Both take a boolean "may attend" mask built once per forward by :func:`build_attention_mask` from per-token
-segment ids (0 = padding), so right padding and packed sequences share one code path.
+Both take the attention layout built once per forward by :func:`recipe.model.ops.build_attention_layout` from
+per-token segment ids (0 = padding): plain causal, a boolean "may attend" mask, or segment lengths for a
+variable-length kernel on accelerators, so right padding and packed sequences share one code path.
 
 Shapes: B batch, T tokens, D hidden, H heads.
 """
@@ -25,17 +26,12 @@ def build_attention_mask(segment_ids_BT: Optional[torch.Tensor]) -> Optional[tor
     Real tokens attend to earlier tokens of their own segment; padding (id 0) attends to earlier padding only, so
     no row is empty (its outputs are never used). One segment per row followed by right padding needs no mask:
     causality already keeps real tokens off the padding after them, and ``None`` lets fused (flash) kernels run.
+    Training builds :func:`recipe.model.ops.build_attention_layout` instead, which on accelerators replaces the
+    mask of packed rows by variable-length kernels' segment lengths.
     """
-    if segment_ids_BT is None:
+    if segment_ids_BT is None or ops.single_segment_right_padded(segment_ids_BT):
         return None
-    single_segment_right_padded = bool((segment_ids_BT <= 1).all()) and bool(
-        (segment_ids_BT[:, 1:] <= segment_ids_BT[:, :-1]).all())
-    if single_segment_right_padded:
-        return None
-    T = segment_ids_BT.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
-    same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (same & causal)[:, None]
+    return ops.segment_causal_mask(segment_ids_BT)
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
@@ -77,13 +73,18 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, D, bias=bias)
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor],
+                cache=None) -> torch.Tensor:
+        """``cache``: an :class:`recipe.model.generation.MHALayerCache` when generating (``mask`` then spans the
+        cached slots, [B, 1, T, S]); None for the training/full-sequence path."""
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope_cos_sin(positions_BT, self.head_dim, self.rope_theta, x_BTD.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: keep this step's keys/values, attend over every cached slot
+            k, v = cache.update(k, v)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -132,7 +133,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.dv, D, bias=bias)
         self.softmax_scale = (self.dn + self.dr) ** -0.5
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor],
+                cache=None) -> torch.Tensor:
+        """``cache``: an :class:`recipe.model.generation.MLALayerCache` when generating (see
+        :meth:`forward_cached`); None for the training/full-sequence path."""
+        if cache is not None:
+            return self.forward_cached(x_BTD, positions_BT, mask, cache)
         B, T, _ = x_BTD.shape
         H, dn, dr, dv = self.num_heads, self.dn, self.dr, self.dv
         if hasattr(self, "q_proj"):
@@ -151,6 +157,48 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(B, H, T, dr)], dim=-1)
         out = ops.attention(q, k, v, mask, scale=self.softmax_scale,
                             dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
+
+    # --- KV-cached generation (the cache and the decoding loop live in recipe/model/generation.py) ----------
+    def forward_cached(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, mask_B1TS: torch.Tensor,
+                       cache) -> torch.Tensor:
+        """The step's tokens [B, T, D] attending over every cached token (``mask`` [B, 1, T, S]).
+
+        The cache keeps, per token, the normalised latent c [r] and the post-RoPE shared rope key [dr]. Attention
+        over them runs up-projected (k_nope / v recomputed from every cached c by ``kv_b_proj``, as in training)
+        or absorbed (``cache.absorbed``): with W_uk, W_uv the key and value halves of ``kv_b_proj`` per head,
+        q_nope . (W_uk c) = (W_uk^T q_nope) . c and sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j), so the queries move
+        into latent space, all heads share one latent key [c | k_rope] and value c (multi-query attention of
+        width r + dr), and the value half maps the result back; same scores, same scale (dn + dr)^-0.5.
+        """
+        B, T, _ = x_BTD.shape
+        H, dn, dr, dv, r = self.num_heads, self.dn, self.dr, self.dv, self.kv_lora_rank
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
+        c, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([r, dr], dim=-1)
+        cos, sin = rope_cos_sin(positions_BT, dr, self.rope_theta, x_BTD.dtype)
+        q_rope = apply_rope(deinterleave(q_rope), cos, sin)
+        k_rope = apply_rope(deinterleave(k_rope[:, None]), cos, sin)[:, 0]  # [B, T, dr], shared by all heads
+        c_BSr, k_rope_BSd = cache.update(self.kv_a_layernorm(c), k_rope)
+        S = c_BSr.shape[1]
+        if cache.absorbed:
+            w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
+            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :dn])
+            # one shared key/value head: fold the heads into the query rows ([B, 1, H*T, .], row h*T + t)
+            q_f = torch.cat([q_latent, q_rope], dim=-1).reshape(B, 1, H * T, r + dr)
+            k_f = torch.cat([c_BSr, k_rope_BSd], dim=-1)[:, None]
+            mask_f = mask_B1TS.expand(B, 1, T, S).repeat(1, 1, H, 1)
+            out_latent = ops.attention(q_f, k_f, c_BSr[:, None], mask_f, scale=self.softmax_scale).view(B, H, T, r)
+            out = torch.einsum("bhtr,hvr->bhtv", out_latent, w_kv[:, dn:])
+        else:
+            kv = self.kv_b_proj(c_BSr).view(B, S, H, dn + dv).transpose(1, 2)
+            k_nope, v = kv.split([dn, dv], dim=-1)
+            q_f = torch.cat([q_nope, q_rope], dim=-1)
+            k_f = torch.cat([k_nope, k_rope_BSd[:, None].expand(B, H, S, dr)], dim=-1)
+            out = ops.attention(q_f, k_f, v, mask_B1TS, scale=self.softmax_scale)  # [B, H, T, dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from recipe.config import LanguageConfig
-from recipe.model.attention import RMSNorm, build_attention_mask, make_attention
+from recipe.model import ops
+from recipe.model.attention import RMSNorm, make_attention
 from recipe.model.moe import MLP, DeepseekV2MoE
 
 
@@ -37,9 +38,13 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h_BTD: torch.Tensor, positions_BT: torch.Tensor, mask: Optional[torch.Tensor],
-                segment_ids_BT: Optional[torch.Tensor] = None):
-        """Returns (h [B, T, D], aux loss or None)."""
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask)
+                segment_ids_BT: Optional[torch.Tensor] = None, cache=None):
+        """Returns (h [B, T, D], aux loss or None). ``cache``: this layer's KV cache when generating
+        (``recipe/model/generation.py``)."""
+        if cache is None:
+            h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask)
+        else:
+            h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask, cache=cache)
         x = self.post_attention_layernorm(h_BTD)
         if self.is_moe:
             y, aux = self.mlp(x, segment_ids_BT)
@@ -58,14 +63,31 @@ class DeepseekV2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds_BTD: torch.Tensor, positions_BT: torch.Tensor,
-                segment_ids_BT: Optional[torch.Tensor] = None):
-        """Returns (normed hidden [B, T, D], summed aux loss or None)."""
-        mask = build_attention_mask(segment_ids_BT)
+                segment_ids_BT: Optional[torch.Tensor] = None, cache=None):
+        """Returns (normed hidden [B, T, D], summed aux loss or None).
+
+        ``cache``: a :class:`recipe.model.generation.KVCache` when generating: these T tokens are appended to it
+        and attend over everything cached (segment ids > 0 mark real tokens; positions are the caller's).
+        """
+        if cache is not None:
+            return self._forward_cached(embeds_BTD, positions_BT, segment_ids_BT, cache)
+        mask = ops.build_attention_layout(segment_ids_BT)  # once per forward: a mask, or varlen segment lengths
         h, aux_total = embeds_BTD, None
         for layer in self.layers:
             h, aux = layer(h, positions_BT, mask, segment_ids_BT)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(h), aux_total
+
+    # --- KV-cached generation (recipe/model/generation.py) -------------------------------------------------
+    def _forward_cached(self, embeds_BTD, positions_BT, segment_ids_BT, cache):
+        mask = cache.begin(embeds_BTD.shape[1], segment_ids_BT, embeds_BTD.device)
+        h, aux_total = embeds_BTD, None
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h, aux = layer(h, positions_BT, mask, segment_ids_BT, cache=layer_cache)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        cache.end()
         return self.norm(h), aux_total
 
 
