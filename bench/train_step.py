@@ -104,8 +104,7 @@ def run_single(steps: int, mbs: int, gas: int) -> dict:
     for m in model.modules():
         if isinstance(m, DeepseekV2MoE):
             timer.attach(m, "moe")
-            for e in m.experts:
-                timer.attach(e, "experts")
+            timer.attach(m.experts, "experts")  # all routed experts in one call (grouped GEMMs)
     params = [p for n, p in model.named_parameters() if "attn_pool" not in n]
     opt = torch.optim.AdamW(params, lr=1e-4)
     data = batches(cfg, (steps + 1) * gas, mbs, seed=1)
@@ -136,18 +135,19 @@ def summarize(name, times, tokens, moe, experts, samples_per_step) -> dict:
             "experts_share": e / t}
 
 
-def run_pipeline_rank(steps: int, mbs: int, gas: int, out: str) -> None:
+def run_pipeline_rank(steps: int, mbs: int, gas: int, out: str, moe_dispatcher: str = "exact") -> None:
     import deepspeed
     import torch.distributed as dist
 
     from recipe.parallel.dist import init_distributed
     from recipe.parallel.experts import ExpertParallelMoE
     from recipe.parallel.pipeline import VL2Pipeline, pipe_batch
+    from recipe.train_config import RunLayout
 
     init_distributed()
     torch.manual_seed(0)
     cfg = bench_config()
-    module = VL2Pipeline(cfg, num_stages=2, ep_size=2, decoder_split=[2, 2])
+    module = VL2Pipeline(cfg, num_stages=2, ep_size=2, decoder_split=[2, 2], moe_dispatcher=moe_dispatcher)
     timer = PhaseTimer()
     for m in module.modules():
         if isinstance(m, ExpertParallelMoE):
@@ -158,6 +158,8 @@ def run_pipeline_rank(steps: int, mbs: int, gas: int, out: str) -> None:
           "zero_optimization": {"stage": 1}}
     engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
                                                                       if p.requires_grad], config=ds)
+    run = RunLayout.from_config({"pipeline_stages": 2, "expert_parallel_size": 2, "decoder_split": [2, 2]}, ds, cfg,
+                                dist.get_world_size())
     data = batches(cfg, (steps + 1) * gas * 2, mbs, seed=1)
     dp_rank = module.dp_rank
     times, tokens, moe, experts = [], [], [], []
@@ -170,7 +172,7 @@ def run_pipeline_rank(steps: int, mbs: int, gas: int, out: str) -> None:
         timer.reset()
         dist.barrier()
         t = time.perf_counter()
-        engine.train_batch(iter([pipe_batch(b, gas * 2 / float(labels)) for b in mine]))
+        engine.train_batch(iter([pipe_batch(b, run.ce_scale(float(labels))) for b in mine]))
         dt = time.perf_counter() - t
         # per-stage MoE time; the step is as slow as the slowest stage, report the max over ranks
         phase = torch.tensor([timer.seconds("moe"), timer.seconds("experts")], dtype=torch.float64)
@@ -182,7 +184,7 @@ def run_pipeline_rank(steps: int, mbs: int, gas: int, out: str) -> None:
             experts.append(float(phase[1]))
     if dist.get_rank() == 0:
         with open(out, "w") as f:
-            json.dump(summarize("pp2ep2 (4 ranks: PP=2 x DP=2, EP=2)", times, tokens, moe, experts,
+            json.dump(summarize(f"pp2ep2 {moe_dispatcher} (PP=2 x DP=2, EP=2)", times, tokens, moe, experts,
                                 mbs * gas * 2), f)
     dist.barrier()
     dist.destroy_process_group()
@@ -193,11 +195,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--mbs", type=int, default=2)
     p.add_argument("--gas", type=int, default=2)
+    p.add_argument("--moe-dispatchers", default="exact,capacity",
+                   help="recipe.moe_dispatcher settings to run the 4-rank setting with (comma-separated)")
+    p.add_argument("--moe-dispatcher", default="exact", help=argparse.SUPPRESS)
     p.add_argument("--pipeline-rank", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="/tmp/bench_train_step.json", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.pipeline_rank:
-        return run_pipeline_rank(a.steps, a.mbs, a.gas, a.out)
+        return run_pipeline_rank(a.steps, a.mbs, a.gas, a.out, a.moe_dispatcher)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = bench_config()
@@ -209,20 +214,23 @@ def main() -> None:
     rows = [run_single(a.steps, a.mbs, a.gas)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "4", "--master_port", str(29000 + os.getpid() % 1000), __file__,
-           "--pipeline-rank", "--steps", str(a.steps), "--mbs", str(a.mbs), "--gas", str(a.gas), "--out", a.out]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(proc.returncode)
-    rows.append(json.load(open(a.out)))
+    for dispatcher in a.moe_dispatchers.split(","):
+        cmd = [torchrun, "--nproc_per_node", "4", "--master_port", str(29000 + os.getpid() % 1000), __file__,
+               "--pipeline-rank", "--steps", str(a.steps), "--mbs", str(a.mbs), "--gas", str(a.gas), "--out", a.out,
+               "--moe-dispatcher", dispatcher]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            raise SystemExit(proc.returncode)
+        rows.append(json.load(open(a.out)))
     print(f"\n{'setting':40s} {'s/step':>8s} {'samples/s':>10s} {'tokens/s':>9s} {'MoE':>6s} {'dispatch':>9s} "
           f"{'experts':>8s}")
     for r in rows:
         print(f"{r['setting']:40s} {r['step_s']:8.2f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:9.0f} "
               f"{100 * r['moe_share']:5.1f}% {100 * r['dispatch_share']:8.1f}% {100 * r['experts_share']:7.1f}%")
-    print("\nMoE = the whole MoE block (router, dispatch, experts, combine, all-to-all), forward + backward, as a share "
-          "of the step\n(pp2ep2: the slower stage's MoE time over the step). dispatch = MoE minus the expert FFNs.")
+    print("\nMoE = the whole MoE block (router, dispatch, experts, combine, all-to-all), forward + backward, as a "
+          "share of the step\n(pp2ep2: the slower stage's MoE time over the step). "
+          "dispatch = MoE minus the expert FFNs.")
 
 
 if __name__ == "__main__":

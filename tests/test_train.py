@@ -11,8 +11,8 @@ import os
 import pytest
 
 from helpers.launch import REPO, deepspeed_launch, torchrun
-from helpers.runs import write_config
 from helpers.reference import reference_losses
+from helpers.runs import write_config
 
 pytestmark = pytest.mark.slow
 DRIVER = os.path.join(REPO, "tests", "dist", "run_pipeline.py")
@@ -79,6 +79,8 @@ def losses(save_dir):
 
 
 def test_resume_continues_with_the_same_samples_and_losses(run_inputs, tmp_path):
+    """Packed (the default): step 3 ends inside a packing window, and the resumed run rebuilds exactly the rows of
+    steps 4-6 from the saved consumed-sample count."""
     full = tmp_path / "full"
     monitor = {"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "full"}}
     deepspeed_launch(4, ["--deepspeed", write_config(tmp_path / "full.json", run_inputs, full, ds=monitor)],
@@ -94,10 +96,15 @@ def test_resume_continues_with_the_same_samples_and_losses(run_inputs, tmp_path)
     assert got == want  # same samples, same optimizer and scheduler state: identical losses
     assert want[-1] < want[0]
     log = json.loads(open(split / "train_log.jsonl").readlines()[-1])
-    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding_ratio", "ce", "aux", "step_time"):
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding_ratio", "ce", "aux", "step_time",
+                "samples_per_row"):
         assert log[key] is not None, key
+    records = [json.loads(line) for line in open(split / "train_log.jsonl")]
+    assert all(r["samples_per_row"] > 1.5 for r in records)  # several samples per row
+    consumed = sum(r["samples_per_row"] * 4 for r in records[:3])  # 4 rows per step
+    assert 0 < consumed % 60 < 60  # 60 records: the checkpoint sits inside a packing window
     # the same figures went to DeepSpeed's CSV monitor, one file per series
-    for series in ("loss", "ce", "aux", "lr", "tokens_per_s", "padding_ratio"):
+    for series in ("loss", "ce", "aux", "lr", "tokens_per_s", "samples_per_row", "padding_ratio"):
         rows = open(tmp_path / "monitor" / "full" / f"Train_{series}.csv").read().strip().splitlines()
         assert len(rows) == 1 + 6, series  # header + one row per step
     assert "SPS" in open(tmp_path / "full.log").read() and "TPS" in open(tmp_path / "full.log").read()

@@ -1,5 +1,6 @@
 """Data for DeepSeek-VL2 fine-tuning: the conversation template, the processor (dynamic tiling, tokenisation,
-label masking), the dataset over prepared jsonl, the collator and the resumable data-parallel sampler.
+label masking), the dataset over prepared jsonl, the collator and the resumable data-parallel sampler, the length
+index (tokens and tiles per record without pixels) and packing (several samples per row).
 
 See ``docs/data.md`` for the file formats and the batch contract.
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Collator": "dataset", "ConversationDataset": "dataset", "DataStats": "dataset", "RecordError": "dataset",
+    "Collator": "dataset", "ConversationDataset": "dataset", "RecordError": "dataset",
     "ResumableBatchSampler": "dataset", "build_dataloader": "dataset",
     "DeepseekVLV2Processor": "processor", "ProcessorOutput": "processor", "SampleTooLongError": "processor",
     "pad_samples": "processor",
     "ConversationError": "conversation", "format_sft_prompt": "conversation", "format_user_turn": "conversation",
     "ImageLoadError": "image_io", "load_image": "image_io", "resolve_under_root": "image_io",
     "ImageTiler": "tiling", "select_best_resolution": "tiling",
+    "LengthIndex": "lengths", "build_length_index": "lengths",
+    "PackedBatchSampler": "packing", "PackedCollator": "packing", "first_fit_decreasing": "packing",
+    "SampleSize": "processor",
     "TextTokenizer": "tokenizer", "TokenizerError": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)

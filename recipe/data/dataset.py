@@ -6,7 +6,7 @@ Dataset: records are located by a byte-offset index built once (one streaming pa
 DataLoader workers. A sample that cannot be used (corrupt or missing image, no complete turn within
 ``max_seq_len``, malformed record) is logged with its path and reason and replaced by the next index that works
 (deterministic, so every rank and every resumed run sees the same replacement); the event travels with the
-batch so the trainer can count it (:class:`DataStats`).
+batch so the trainer can count it (:attr:`Collator.COUNTERS`).
 
 Collator: right padding to T = the longest sample rounded up to a multiple of ``seq_bucket``, capped at
 ``max_seq_len``. Buckets bound the number of distinct shapes (for compiled kernels and the pipeline engine's
@@ -38,7 +38,7 @@ from recipe.data.processor import DeepseekVLV2Processor, SampleTooLongError, pad
 
 logger = logging.getLogger(__name__)
 
-# Why a sample was replaced, as counted in batches and DataStats.
+# Why a sample was replaced, as counted in batches (Collator.COUNTERS).
 CORRUPT_IMAGE, TOO_LONG, BAD_RECORD = "corrupt_image", "too_long", "bad_record"
 EVENT_COUNTERS = {CORRUPT_IMAGE: "num_corrupt_images", TOO_LONG: "num_too_long", BAD_RECORD: "num_bad_records"}
 
@@ -63,6 +63,35 @@ def index_jsonl(path: str) -> tuple[np.ndarray, np.ndarray]:
                 line_nos.append(line_no)
             pos += len(line)
     return np.asarray(offsets, dtype=np.int64), np.asarray(line_nos, dtype=np.int64)
+
+
+def parse_record(line: bytes, where: str) -> dict:
+    """One jsonl line -> its JSON object (RecordError if it does not parse or is not an object)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(where, f"not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise RecordError(where, f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def record_messages(record: dict, where: str) -> tuple[list, list]:
+    """(messages for the processor, image paths in placeholder order) of a prepared record; RecordError if
+    malformed."""
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise RecordError(where, "'conversations' must be a non-empty list")
+    messages, paths = [], []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
+            raise RecordError(where, f"conversations[{t}] needs 'role' and a string 'content'")
+        messages.append({"role": turn["role"], "content": turn["content"]})
+        images = turn.get("images") or []
+        if not isinstance(images, list):
+            raise RecordError(where, f"conversations[{t}].images must be a list")
+        paths += images
+    return messages, paths
 
 
 class ConversationDataset(Dataset):
@@ -122,35 +151,12 @@ class ConversationDataset(Dataset):
             self._fh = open(self.path, "rb")
             self._fh_pid = os.getpid()
         self._fh.seek(int(self.offsets[index]))
-        line = self._fh.readline()
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RecordError(self.where(index), f"not valid JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise RecordError(self.where(index), f"expected a JSON object, got {type(record).__name__}")
-        return record
-
-    def _messages(self, record: dict, index: int) -> tuple[list, list]:
-        """(messages for the processor, image paths in placeholder order)."""
-        conv = record.get("conversations")
-        if not isinstance(conv, list) or not conv:
-            raise RecordError(self.where(index), "'conversations' must be a non-empty list")
-        messages, paths = [], []
-        for t, turn in enumerate(conv):
-            if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
-                raise RecordError(self.where(index), f"conversations[{t}] needs 'role' and a string 'content'")
-            messages.append({"role": turn["role"], "content": turn["content"]})
-            images = turn.get("images") or []
-            if not isinstance(images, list):
-                raise RecordError(self.where(index), f"conversations[{t}].images must be a list")
-            paths += images
-        return messages, paths
+        return parse_record(self._fh.readline(), self.where(index))
 
     def load(self, index: int) -> dict:
         """Process record ``index``; raises ImageLoadError, SampleTooLongError, RecordError or ConversationError."""
         record = self.read_record(index)
-        messages, rel_paths = self._messages(record, index)
+        messages, rel_paths = record_messages(record, self.where(index))
         images = [load_image(resolve_under_root(self.image_root, p, self.real_root), self.max_image_pixels)
                   for p in rel_paths]
         out = self.processor.process_one(messages, images, inference_mode=self.inference_mode)
@@ -159,7 +165,12 @@ class ConversationDataset(Dataset):
                 "num_image_tokens": out.num_image_tokens, "num_turns_dropped": out.num_turns_dropped,
                 "id": str(record.get("id", index))}
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """Sample ``index``; ``(index, row)`` (what :class:`recipe.data.packing.PackedBatchSampler` yields) also
+        tags the sample with its packed row."""
+        if isinstance(index, tuple):
+            index, row = index
+            return {**self[index], "row": row}
         events = []
         for attempt in range(self.max_substitutions + 1):
             j = (index + attempt) % len(self)
@@ -196,7 +207,9 @@ class Collator:
         zero tile per row), images_seq_mask [B, T] bool, images_spatial_crop [B, max_images, 2] int64
         ((0, 0) rows pad; text-only samples have [[0, 0]]);
     and Python ints / lists for logging:
-        num_samples, num_real_tokens (sum of sample lengths), num_padded_tokens (B*T - num_real_tokens),
+        num_samples, num_rows (B), num_consumed (stream positions the batch covers: B here; with packing also the
+        samples left out, see :class:`recipe.data.packing.PackedCollator`), num_dropped (0 here),
+        num_real_tokens (sum of sample lengths), num_padded_tokens (B*T - num_real_tokens),
         num_label_tokens (labels that enter the loss: labels[:, 1:] != -100, the shifted targets),
         num_images, num_tiles (real tiles), num_image_tokens, num_truncated (samples shortened at a turn
         boundary), num_corrupt_images / num_too_long / num_bad_records (samples replaced, by reason),
@@ -205,6 +218,10 @@ class Collator:
 
     TENSOR_KEYS = ("input_ids", "labels", "segment_ids", "position_ids", "images", "images_seq_mask",
                    "images_spatial_crop")
+    COUNTERS = ("num_samples", "num_rows", "num_consumed", "num_dropped", "num_real_tokens", "num_padded_tokens",
+                "num_label_tokens", "num_images", "num_tiles", "num_image_tokens", "num_truncated",
+                *EVENT_COUNTERS.values())
+    """The integer counters of every batch (summed over a step's micro-batches and ranks by the trainer)."""
 
     def __init__(self, pad_id: int, ignore_id: int = -100, seq_bucket: int = 64, max_seq_len: Optional[int] = None):
         if seq_bucket <= 0:
@@ -244,7 +261,7 @@ class Collator:
         crops = b["images_spatial_crop"]
         real_images = (crops[..., 0] > 0) & (crops[..., 1] > 0)
         out.update(
-            num_samples=B,
+            num_samples=B, num_rows=B, num_consumed=B, num_dropped=0,
             num_real_tokens=int(sum(seq_lens)),
             num_padded_tokens=int(B * T - sum(seq_lens)),
             num_label_tokens=int((labels[:, 1:] != self.ignore_id).sum()),
@@ -257,34 +274,6 @@ class Collator:
             skipped=[f"{e['kind']} at {e['where']}: {e['message']}" for e in events],
         )
         return out
-
-
-class DataStats:
-    """Running totals of the collator's counters, for the trainer's logs (``update(batch)`` per micro-batch)."""
-
-    KEYS = ("num_samples", "num_real_tokens", "num_padded_tokens", "num_label_tokens", "num_images", "num_tiles",
-            "num_image_tokens", "num_truncated", *EVENT_COUNTERS.values())
-
-    def __init__(self):
-        self.totals = dict.fromkeys(self.KEYS, 0)
-
-    def update(self, batch: dict, log_skipped: bool = False) -> None:
-        """Add one batch's counters. The dataset already logged each replaced sample (with its path) in the worker
-        that met it; ``log_skipped`` repeats those lines in this process."""
-        for k in self.KEYS:
-            self.totals[k] += int(batch.get(k, 0))
-        if log_skipped:
-            for line in batch.get("skipped", ()):
-                logger.warning("data: replaced sample: %s", line)
-
-    @property
-    def padding_ratio(self) -> float:
-        """Padded tokens / all tokens (the collator's bucketing waste)."""
-        total = self.totals["num_real_tokens"] + self.totals["num_padded_tokens"]
-        return self.totals["num_padded_tokens"] / total if total else 0.0
-
-    def as_dict(self) -> dict:
-        return {**self.totals, "padding_ratio": self.padding_ratio}
 
 
 class ResumableBatchSampler:

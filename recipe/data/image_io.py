@@ -75,6 +75,30 @@ def load_image(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Ima
     return rgb
 
 
+def image_size(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of ``path`` from its header only (Pillow's ``open`` reads no pixel data), with the checks
+    and reason codes of :func:`load_image` that need no decoding (missing_file, undecodable_image for an
+    unidentifiable header, image_too_large, empty_image). A file whose pixel data is damaged passes here and
+    fails later in :func:`load_image`."""
+    if not os.path.isfile(path):
+        raise ImageLoadError(path, "missing_file", "no such file" if not os.path.exists(path) else "not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, "image_too_large", f"{e} (possible decompression bomb)") from None
+    except Exception as e:  # UnidentifiedImageError, OSError, ...
+        raise ImageLoadError(path, "undecodable_image", f"{type(e).__name__}: {e}") from None
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageLoadError(path, "image_too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                                      f"(possible decompression bomb)")
+    if w == 0 or h == 0:
+        raise ImageLoadError(path, "empty_image", f"size {(w, h)}")
+    return w, h
+
+
 def resolve_under_root(root: str, rel_path, real_root: Optional[str] = None) -> str:
     """``root / rel_path`` after checking that it stays inside ``root``: the path must be a non-empty relative
     string without ``..`` components, and after resolving symbolic links it must still lie under the root.

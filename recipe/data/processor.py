@@ -16,6 +16,8 @@ Per-sample shapes: T tokens, N tiles = sum over images of (1 + width_tiles * hei
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,6 +37,18 @@ logger = logging.getLogger(__name__)
 
 class SampleTooLongError(ValueError):
     """No prefix of complete turns fits ``max_seq_len`` (the first exchange alone is longer)."""
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """What one processed conversation occupies (:meth:`DeepseekVLV2Processor.measure`): tokens (after truncation),
+    real tiles (1 + width_tiles x height_tiles per kept image; a text-only sample has none), kept images, messages
+    dropped by truncation."""
+
+    num_tokens: int
+    num_tiles: int
+    num_images: int
+    num_turns_dropped: int = 0
 
 
 @dataclass
@@ -174,18 +188,23 @@ class DeepseekVLV2Processor:
         return h * (h + 1) + 1 + (height_tiles * h) * (width_tiles * h + 1)
 
     # --- one sample ----------------------------------------------------------------------------------------
-    def _tokenize_user(self, b: _Builder, text: str, images: Sequence[Image.Image], cropping: bool) -> None:
-        """Encode the text pieces between ``<image>`` placeholders separately and insert each image's tokens."""
+    def _tokenize_user(self, b: _Builder, text: str, images: Sequence, cropping: bool) -> None:
+        """Encode the text pieces between ``<image>`` placeholders separately and insert each image's tokens.
+        ``images``: PIL images, or (width, height) sizes when only measuring (:meth:`measure`: no tiles)."""
         pieces = text.split(self.image_token)
         for piece, img in zip(pieces, images):
             b.add_text(self.encode(piece))
-            views = self.tiler(to_rgb(img), cropping=cropping)
-            n = self.num_image_tokens(views.width_tiles, views.height_tiles)
+            if isinstance(img, Image.Image):
+                views = self.tiler(to_rgb(img), cropping=cropping)
+                tw, th = views.width_tiles, views.height_tiles
+                b.tiles.append(views.tiles)
+            else:
+                tw, th = self.tiler.grid(img, cropping=cropping)
+            n = self.num_image_tokens(tw, th)
             b.ids += [self.image_token_id] * n
             b.labels += [self.image_token_id] * n  # masked below, with every image-token position
             b.mask += [True] * n
-            b.tiles.append(views.tiles)
-            b.crops.append([views.width_tiles, views.height_tiles])
+            b.crops.append([tw, th])
             b.n_image_tokens.append(n)
         b.add_text(self.encode(pieces[-1]))
 
@@ -207,7 +226,39 @@ class DeepseekVLV2Processor:
         ends with an assistant turn and fits; images of dropped turns are dropped with them, so no image span is
         ever cut. If not even the first exchange fits, raise :class:`SampleTooLongError`.
         """
-        images = list(images or [])
+        b, n_tok, n_img, dropped = self._build(conversations, list(images or []), inference_mode)
+        input_ids = torch.tensor(b.ids, dtype=torch.long)
+        target_ids = torch.tensor(b.labels, dtype=torch.long)
+        seq_mask = torch.tensor(b.mask, dtype=torch.bool)
+        target_ids[(input_ids < 0) | (input_ids == self.image_token_id)] = self.ignore_id
+        input_ids[input_ids < 0] = self.pad_id
+        input_ids, target_ids, seq_mask = input_ids[:n_tok], target_ids[:n_tok], seq_mask[:n_tok]
+        tiles, crops, n_img_tokens = b.tiles[:n_img], b.crops[:n_img], b.n_image_tokens[:n_img]
+        if tiles:
+            all_tiles = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+            spatial = torch.tensor(crops, dtype=torch.long)
+        else:
+            all_tiles = torch.zeros(1, 3, self.image_size, self.image_size)
+            spatial = torch.zeros(1, 2, dtype=torch.long)
+        return ProcessorOutput(input_ids=input_ids, target_ids=target_ids, images=all_tiles,
+                               images_seq_mask=seq_mask, images_spatial_crop=spatial,
+                               num_image_tokens=list(n_img_tokens),
+                               sft_format=format_sft_prompt(conversations, system_prompt),
+                               num_turns_dropped=dropped)
+
+    def measure(self, conversations: Sequence[dict], image_sizes: Sequence[Sequence[int]],
+                inference_mode: bool = False) -> "SampleSize":
+        """What :meth:`process_one` would produce for these messages and images of these (width, height) sizes,
+        without pixels: the same code path (tokenisation, tiling grid, truncation), so the two agree by
+        construction. Raises what :meth:`process_one` raises (SampleTooLongError, ConversationError, ValueError
+        for an empty image). Training measures with ``inference_mode=False``, its default here."""
+        b, n_tok, n_img, dropped = self._build(conversations, [tuple(s) for s in image_sizes], inference_mode)
+        return SampleSize(num_tokens=n_tok, num_tiles=sum(1 + w * h for w, h in b.crops[:n_img]), num_images=n_img,
+                          num_turns_dropped=dropped)
+
+    def _build(self, conversations: Sequence[dict], images: list, inference_mode: bool) -> tuple:
+        """The token stream of a conversation and where truncation cuts it: (builder, kept tokens, kept images,
+        messages dropped). ``images``: PIL images or (width, height) sizes."""
         n_placeholders = sum(str(m.get("content", "")).count(self.image_token)
                              for i, m in enumerate(conversations) if role_kind(m.get("role"), i) == USER)
         if n_placeholders != len(images):
@@ -242,42 +293,35 @@ class DeepseekVLV2Processor:
                 ids = self.encode(message["content"].strip())
                 b.add_text(ids, [self.ignore_id] * len(ids) if self.mask_prompt else None)
 
-        input_ids = torch.tensor(b.ids, dtype=torch.long)
-        target_ids = torch.tensor(b.labels, dtype=torch.long)
-        seq_mask = torch.tensor(b.mask, dtype=torch.bool)
-        target_ids[(input_ids < 0) | (input_ids == self.image_token_id)] = self.ignore_id
-        input_ids[input_ids < 0] = self.pad_id
+        n_total = len(b.ids)
         if inference_mode:
-            if int(input_ids[-1]) != self.eos_id:
+            if b.ids[-1] != self.eos_id:
                 raise ConversationError("inference_mode=True drops the final EOS, so the conversation must end "
                                         "with an assistant turn (empty to generate its answer)")
-            input_ids, target_ids, seq_mask = input_ids[:-1], target_ids[:-1], seq_mask[:-1]
-
-        tiles, crops, n_img_tokens, dropped = b.tiles, b.crops, b.n_image_tokens, 0
-        if self.max_seq_len is not None and len(input_ids) > self.max_seq_len:
+            n_total -= 1
+        n_tok, n_img, dropped = n_total, len(b.crops), 0
+        if self.max_seq_len is not None and n_total > self.max_seq_len:
             # (kept length, images, messages) after each assistant turn; the last one lost its EOS in inference mode
             cuts = [(n - int(inference_mode and n == len(b.ids)), n_img, n_msg) for n, n_img, n_msg in b.cuts]
             fits = [c for c in cuts if c[0] <= self.max_seq_len]
             if not fits:
-                need = cuts[0][0] if cuts else len(input_ids)
-                raise SampleTooLongError(f"{len(input_ids)} tokens > max_seq_len={self.max_seq_len}, and the first "
+                need = cuts[0][0] if cuts else n_total
+                raise SampleTooLongError(f"{n_total} tokens > max_seq_len={self.max_seq_len}, and the first "
                                          f"exchange alone needs {need}: nothing can be kept without cutting a turn")
             n_tok, n_img, n_msg = fits[-1]
-            input_ids, target_ids, seq_mask = input_ids[:n_tok], target_ids[:n_tok], seq_mask[:n_tok]
-            tiles, crops, n_img_tokens = tiles[:n_img], crops[:n_img], n_img_tokens[:n_img]
             dropped = len(conversations) - n_msg
+        return b, n_tok, n_img, dropped
 
-        if tiles:
-            all_tiles = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
-            spatial = torch.tensor(crops, dtype=torch.long)
-        else:
-            all_tiles = torch.zeros(1, 3, self.image_size, self.image_size)
-            spatial = torch.zeros(1, 2, dtype=torch.long)
-        return ProcessorOutput(input_ids=input_ids, target_ids=target_ids, images=all_tiles,
-                               images_seq_mask=seq_mask, images_spatial_crop=spatial,
-                               num_image_tokens=list(n_img_tokens),
-                               sft_format=format_sft_prompt(conversations, system_prompt),
-                               num_turns_dropped=dropped)
+    def fingerprint(self) -> str:
+        """A digest of everything that decides sample lengths and contents: the processor config, tokens per view
+        side, ``max_seq_len``, ``mask_prompt`` and the tokenizer (vocabulary, added and special tokens). The
+        length index is cached under it."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps({"config": self.config.to_dict(), "tokens_per_side": self.tokens_per_side,
+                             "max_seq_len": self.max_seq_len, "mask_prompt": self.mask_prompt,
+                             "special": self.tokenizer.special}, sort_keys=True, default=str).encode())
+        h.update(self.tokenizer.backend.to_str().encode())
+        return h.hexdigest()
 
     def __call__(self, *, conversations: Sequence[dict], images: Optional[Sequence[Image.Image]] = None,
                  inference_mode: bool = True, system_prompt: str = "") -> ProcessorOutput:

@@ -99,13 +99,25 @@ class ImageTiler:
         self.fill = tuple(int(x * 255) for x in mean)  # the original's pad colour: int(0.5 * 255) = 127
         self.table = normalization_table(mean, std, normalize)
 
+    def canvas(self, image_size: Sequence[int], cropping: bool = True) -> tuple[int, int]:
+        """The (width, height) canvas the local tiles are cut from, for an image of ``image_size`` = (width,
+        height): the best candidate resolution with cropping, else one tile."""
+        W, H = (int(v) for v in image_size)
+        if min(W, H) <= 0:
+            raise ValueError(f"empty image of size {(W, H)}")
+        return select_best_resolution((W, H), self.candidates) if cropping else (self.S, self.S)
+
+    def grid(self, image_size: Sequence[int], cropping: bool = True) -> tuple[int, int]:
+        """(width_tiles, height_tiles) :meth:`__call__` cuts an image of ``image_size`` into, from the size alone
+        (the length index measures samples this way, without decoding pixels)."""
+        best_w, best_h = self.canvas(image_size, cropping)
+        return best_w // self.S, best_h // self.S
+
     def __call__(self, img: Image.Image, cropping: bool = True) -> ImageViews:
         if img.mode != "RGB":
             raise ValueError(f"expected an RGB image (use load_image or .convert('RGB')), got mode {img.mode}")
-        if min(img.size) == 0:
-            raise ValueError(f"empty image of size {img.size}")
         S = self.S
-        best_w, best_h = select_best_resolution(img.size, self.candidates) if cropping else (S, S)
+        best_w, best_h = self.canvas(img.size, cropping)
         tw, th = best_w // S, best_h // S
         out = np.empty((1 + tw * th, 3, S, S), dtype=np.float32)
         _normalize_into(out[0], _rgb_array(ImageOps.pad(img, (S, S), color=self.fill)), self.table)

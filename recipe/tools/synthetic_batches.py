@@ -63,3 +63,17 @@ def collate(samples: list[dict], pad_to_multiple: int = 8) -> dict:
 
 def label_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def collate_packed(rows: list[list[dict]], pad_to_multiple: int = 8) -> dict:
+    """Pack synthetic samples, ``rows[b]`` into row b, with the training collator
+    (:class:`recipe.data.packing.PackedCollator`: segment ids 1..n, positions restarting per sample, each sample's
+    first label ignored). Returns the model inputs, like :func:`collate`."""
+    from recipe.data.packing import PackedCollator
+
+    items = [{"input_ids": s["input_ids"], "target_ids": s["labels"], "images_seq_mask": s["images_seq_mask"],
+              "images": s["tiles"], "images_spatial_crop": torch.tensor(s["crop"], dtype=torch.long), "row": b}
+             for b, row in enumerate(rows) for s in row]
+    batch = PackedCollator(pad_id=2, seq_bucket=pad_to_multiple)(items)
+    return {k: batch[k] for k in ("input_ids", "labels", "images_seq_mask", "segment_ids", "position_ids", "images",
+                                  "images_spatial_crop")}
