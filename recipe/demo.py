@@ -16,9 +16,9 @@ Every step is a real subprocess of the user-facing command, except the two evalu
 process (one model load for both figures; the command they stand for is printed); any failure stops the demo with
 its exit code. At the end it prints the held-out loss (the plain model's token-mean loss, ``recipe.eval.loss``: the
 figure train.py's validation reports, which must agree with it) and the ai2d accuracy before and after
-fine-tuning. The tiny model
-starts from random weights, so "before" answers are not even option letters; 40 steps teach it the answer format
-(chance-level accuracy, about 27%); bench/learning.py trains long enough to read the pictures.
+fine-tuning. The tiny model starts from random weights, so "before" answers are not even option letters; 40 steps
+teach it the answer format (an option letter, then the end of the answer: chance-level accuracy, about 27%);
+bench/learning.py trains long enough to read the pictures.
 """
 
 from __future__ import annotations

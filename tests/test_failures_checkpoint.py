@@ -52,8 +52,7 @@ def baseline(run_inputs, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("point", [
     "train_step@1@4",                    # mid-training, before step 4 (the last complete save is step 2)
-    "after_first_file@3@global_step4",   # mid-save: some of rank 3's files written, others not
-    "after_rank_files@2@global_step4",   # every file written, before the completion record
+    "after_first_file@3@global_step4",   # mid-save: some of rank 3's files written, no completion record
     "before_latest@0@global_step4",      # the record written, before `latest` moves
 ])
 def test_killed_rank_resumes_from_the_last_complete_checkpoint(run_inputs, baseline, tmp_path, point):
