@@ -127,7 +127,12 @@ def load_prompts(path: str, root: str, processor) -> list:
 
     ds = McqDataset(path, root, processor)
     kinds = [question_kind(json.loads(line)) for line in open(path, encoding="utf-8") if line.strip()]
-    return [dict(item, kind=kind) for item, kind in zip((ds[i] for i in range(len(ds))), kinds) if "sample" in item]
+    out = []
+    for item, kind in zip((ds[i] for i in range(len(ds))), kinds):
+        if "sample" in item:
+            item["sample"]["images"] = to_uint8(item["sample"]["images"])
+            out.append(dict(item, kind=kind))
+    return out
 
 
 @torch.no_grad()
@@ -141,7 +146,8 @@ def first_token_accuracy(model, processor, prompts: list, batch_size: int = 32) 
     right, total = Counter(), Counter()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        b = pad_samples([p["sample"] for p in chunk], processor.pad_id, processor.ignore_id, padding="right")
+        b = pad_samples([dict(p["sample"], images=from_uint8(p["sample"]["images"])) for p in chunk],
+                        processor.pad_id, processor.ignore_id, padding="right")
         logits = model(input_ids=b["input_ids"], images=b["images"], images_seq_mask=b["images_seq_mask"],
                        images_spatial_crop=b["images_spatial_crop"], attention_mask=b["attention_mask"]).logits
         last = torch.tensor(b["seq_lens"]) - 1
@@ -222,7 +228,7 @@ def main(argv=None) -> dict:
     val = load_samples(paths["val"], paths["root"], processor)
     prompts = load_prompts(paths["val"], paths["root"], processor)
     collate = Collator.from_processor(processor, seq_bucket=16)
-    val_batches = [collate_cached(collate, val[i:i + 32]) for i in range(0, len(val), 32)]
+    val_batches = [val[i:i + 32] for i in range(0, len(val), 32)]  # collated when used: tiles stay uint8
     model = DeepseekVLV2ForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).train()
     n_params = sum(p.numel() for p in model.parameters())
     kinds = Counter(s["kind"] for s in train)
@@ -241,7 +247,7 @@ def main(argv=None) -> dict:
 
     def evaluate(step: int, wall: float, cpu: float, train_loss) -> None:
         te = time.time()
-        vl = token_mean_loss(model, val_batches)["loss"]
+        vl = token_mean_loss(model, (collate_cached(collate, b) for b in val_batches))["loss"]
         acc = first_token_accuracy(model, processor, prompts[:a.eval_questions])
         curve.append({"step": step, "wall_minutes": wall / 60, "cpu_minutes": cpu / 60, "train_loss": train_loss,
                       "val_loss": vl, "accuracy": acc})

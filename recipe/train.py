@@ -243,14 +243,13 @@ def build_eval_data(tc: TrainConfig, run: RunLayout, dp_rank: int, has_data: boo
     stages. The set is the first :func:`eval_set_size` records of ``recipe.eval_data`` in file order, dealt to the
     data-parallel ranks as training deals its stream, by its own sampler (never the training sampler's state)
     whose count stays 0: every validation replays the same micro-batches from the start."""
-    from recipe.data import Collator, ConversationDataset, DeepseekVLV2Processor
+    from recipe.data import Collator, ConversationDataset
     from recipe.data.dataset import ResumableBatchSampler, build_dataloader
 
     size = eval_set_size(tc, run)
     if not has_data:
         return None, size
-    processor = DeepseekVLV2Processor.from_pretrained(tc.model_dir, mask_prompt=tc.mask_prompt,
-                                                      max_seq_len=tc.max_seq_len)
+    processor = build_processor(tc)  # the training labels (mask_prompt) and truncation (max_seq_len)
     dataset = ConversationDataset(tc.eval_data, tc.eval_image_root or tc.image_root, processor)
     if size > len(dataset):
         logger.info("validation: %d records in %s, rounded up to %d (whole global batches of %d): the last "

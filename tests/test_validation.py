@@ -1,9 +1,11 @@
 """Validation during training (recipe.eval_data): the pipeline engine's eval_batch over a fixed held-out set.
 
-- The validation loss of PP=2 x DP=2, EP=2 (and of PP=4, whose middle stages only relay) equals the token-mean
-  loss of the plain single-process model in eval mode on the same records, loaded from the checkpoint of that step.
-- Validating after every step changes no training loss and no gradient norm (the eval loader, eval mode, the
-  random generators and the routers' expert-load counts leave training as it was), with the noaux_tc bias update on.
+- The validation loss of PP=2 x DP=2, EP=2 (packed training rows) and of PP=4 (whose middle stages only relay;
+  unpacked) equals the token-mean loss of the plain single-process model in eval mode on the same records, loaded
+  from the checkpoint of that step.
+- Validating after every step changes no training loss, no gradient norm and no saved random-generator state (the
+  eval loader, eval mode, the random generators and the routers' expert-load counts leave training as it was), with
+  the noaux_tc bias update on.
 - The figures land in train_log.jsonl and DeepSpeed's CSV monitor (Eval/loss, and not DeepSpeed's own per-batch
   eval events).
 - The settings and the schedule, without processes.
@@ -107,13 +109,14 @@ def test_eval_figures_land_in_the_log_and_the_csv_monitor(runs):
 
 def test_middle_pipeline_stages_relay_validation(split_data, tiny_ckpt, tmp_path):
     """PP=4 (DP=1): stages 1 and 2 hold neither data nor labels and pass None to eval_batch; the loss is still
-    the plain model's. Validation here only after the last step (eval_interval 0), over the whole file."""
+    the plain model's. Training without packing here (the other runs pack); validation only after the last step
+    (eval_interval 0)."""
     model_dir = tiny_ckpt(like="base", image_size=42, num_hidden_layers=5)
     save = tmp_path / "pp4"
     inputs = {"model_dir": model_dir, "train_data": split_data["train_data"], "image_root": split_data["image_root"]}
     cfg = write_config(tmp_path / "pp4.json", inputs, save, ds={"gradient_accumulation_steps": 4},
                        pipeline_stages=4, decoder_split=[2, 1, 1, 1], expert_parallel_size=1, train_steps=2,
-                       eval_data=split_data["eval_data"], eval_samples=EVAL_SAMPLES)
+                       packing=False, eval_data=split_data["eval_data"], eval_samples=EVAL_SAMPLES)
     deepspeed_launch(4, ["--deepspeed", cfg], str(tmp_path / "pp4.log"))
     log = read_log(save)
     assert "eval_loss" not in log[0]
