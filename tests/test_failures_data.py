@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from recipe.train import DataError, ReplacementGuard
+from recipe.train_data import DataError, ReplacementGuard
 
 from helpers.launch import deepspeed_launch
 from helpers.runs import write_config

@@ -31,6 +31,7 @@ from recipe.model.moe import (
     sort_routes,
     unpermute_combine,
 )
+from recipe.model.ops import grouped_mm
 from recipe.parallel.dispatch import group_by_local_expert
 
 from helpers.launch import REPO, torchrun
@@ -70,7 +71,7 @@ def test_grouped_linear_matches_the_loop_reference(dtype, packed, counts):
     experts = make_experts(len(counts), dtype=dtype, packed=packed)
     groups = [[e.gate_proj.weight, e.up_proj.weight] for e in experts]
     # packed CPU weights run torch._grouped_mm; unpacked ones the per-group loop (no weight copy)
-    assert ops._backend(torch.zeros(1, 16, dtype=dtype), groups) == ("grouped_mm" if packed else "loop")
+    assert grouped_mm._backend(torch.zeros(1, 16, dtype=dtype), groups) == ("grouped_mm" if packed else "loop")
     x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
     tokens = torch.tensor(counts)
     got = ops.grouped_linear(x, groups, tokens)
@@ -98,7 +99,7 @@ def test_grouped_linear_falls_back_where_grouped_mm_refuses():
         groups = [[torch.randn(8, d, dtype=dtype)] for _ in range(3)]
         ops.pack_rows(groups)
         x = torch.randn(7, d, dtype=dtype)
-        assert ops._backend(x, groups) == "loop"
+        assert grouped_mm._backend(x, groups) == "loop"
         torch.testing.assert_close(ops.grouped_linear(x, groups, torch.tensor([2, 0, 5])),
                                    ops.grouped_linear_reference(x, groups, torch.tensor([2, 0, 5])))
 

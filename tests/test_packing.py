@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from recipe.config import tiny_config
 from recipe.model import DeepseekVLV2ForCausalLM, ops
+from recipe.model.ops import attention_kernels
 from recipe.tools.synthetic_batches import collate, collate_packed, label_count, synthetic_samples
 
 TOL = 1e-5
@@ -130,12 +131,12 @@ def test_varlen_attention_matches_the_masked_reference(dv):
         assert v_.shape[-1] == q_.shape[-1]  # what a flash / npu_fusion_attention kernel is given
         return ops.varlen_attention_reference(q_, k_, v_, layout.cu_seqlens_host.tolist(), scale)
 
-    orig = ops._varlen_flash
-    ops._varlen_flash = fake_fused
+    orig = attention_kernels._varlen_flash
+    attention_kernels._varlen_flash = fake_fused
     try:
         fused = ops.varlen_attention(q, k, v, varlen, 0.2, kernel="flash")
     finally:
-        ops._varlen_flash = orig
+        attention_kernels._varlen_flash = orig
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(torch.autograd.grad(fused, (q, k, v), dy), want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

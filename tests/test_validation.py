@@ -127,7 +127,7 @@ def test_middle_pipeline_stages_relay_validation(split_data, tiny_ckpt, tmp_path
 # --- settings and schedule (no processes) ------------------------------------------------------------------------
 
 def test_eval_policy_runs_every_interval_and_after_the_last_step():
-    from recipe.train import EvalPolicy
+    from recipe.validation import EvalPolicy
 
     every3 = EvalPolicy(enabled=True, interval=3, last_step=10)
     assert [s for s in range(1, 11) if every3.should_eval(s)] == [3, 6, 9, 10]
@@ -136,8 +136,9 @@ def test_eval_policy_runs_every_interval_and_after_the_last_step():
 
 
 def test_eval_set_size_rounds_up_to_whole_global_batches(tmp_path):
-    from recipe.train import DataError, eval_set_size
     from recipe.train_config import TrainConfig
+    from recipe.train_data import DataError
+    from recipe.validation import eval_set_size
 
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(10)) + "\n")
@@ -191,7 +192,7 @@ def test_a_dataloader_iterator_draws_from_torch_rng_and_validation_puts_it_back(
     torch's default generator, so every later draw of training would shift."""
     from torch.utils.data import DataLoader
 
-    from recipe.train import rng_preserved
+    from recipe.validation import rng_preserved
 
     torch.manual_seed(0)
     want = torch.rand(3)
