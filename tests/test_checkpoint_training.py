@@ -1,7 +1,7 @@
 """Reading DeepSpeed's pipeline + MoE training checkpoints (any PP split, any EP size) and exporting them to HF.
 
 Hand-written checkpoints in DeepSpeed 0.19's exact file layout cover many splits quickly; two runs of the real
-engine (``tests/helpers/ds_save_checkpoint.py`` under torchrun) pin the layout to what DeepSpeed actually writes.
+engine (``tests/workers/train_pipeline.py`` under torchrun) pin the layout to what DeepSpeed actually writes.
 """
 
 import os
@@ -20,6 +20,8 @@ from recipe.parallel import layout as L
 from recipe.parallel.cost import balanced_decoder_split
 
 from helpers.launch import REPO, torchrun
+
+WORKER = os.path.join(REPO, "tests", "workers", "train_pipeline.py")
 
 
 def write_training_checkpoint(tensors: dict, cfg: VL2Config, save_dir: str, tag: str = "global_step7",
@@ -236,9 +238,9 @@ def test_real_deepspeed_checkpoint_exports_exactly(src, tmp_path, pp, ep, split)
     ds = str(tmp_path / "ds")
     converted_fmt.convert_hf_to_ds(src, ds, progress=False)
     save = str(tmp_path / "save")
-    args = ["--ds-dir", ds, "--save-dir", save, "--pp", str(pp), "--ep", str(ep)]
-    torchrun(os.path.join(REPO, "tests", "helpers", "ds_save_checkpoint.py"), 2,
-             args + (["--decoder-split", split] if split else []), str(tmp_path / "save.log"))
+    args = ["--converted", ds, "--bf16", "--steps", "0", "--save-dir", save, "--tag", "global_step3",
+            "--stages", str(pp), "--ep", str(ep)]
+    torchrun(WORKER, 2, args + (["--split", split] if split else []), str(tmp_path / "save.log"))
     files = os.listdir(os.path.join(save, "global_step3"))
     assert sum(f.startswith("layer_") and "_expert_" in f for f in files) == 8 * 4  # 4 MoE layers x 8 experts
     out = str(tmp_path / "hf")
@@ -255,9 +257,9 @@ def test_real_training_run_exports_with_identical_logits(src, tmp_path, stages, 
 
     ds, save = str(tmp_path / "ds"), str(tmp_path / "save")
     converted_fmt.convert_hf_to_ds(src, ds, progress=False)
-    args = ["--ds-dir", ds, "--save-dir", save, "--stages", str(stages), "--ep", str(ep)]
-    torchrun(os.path.join(REPO, "tests", "helpers", "ds_train_and_save.py"), 2,
-             args + (["--split", split] if split else []), str(tmp_path / "train.log"))
+    args = ["--converted", ds, "--bf16", "--lr", "1e-2", "--seed", "3", "--steps", "2", "--save-dir", save,
+            "--stages", str(stages), "--ep", str(ep)]
+    torchrun(WORKER, 2, args + (["--split", split] if split else []), str(tmp_path / "train.log"))
     live = {}
     for r in range(2):
         for k, v in torch.load(os.path.join(save, f"live_rank{r}.pt"), weights_only=True).items():

@@ -7,7 +7,7 @@ exact path, the plain model and DeepSpeed's capacity path give the same losses a
   route, empty experts), forward and gradients; the exact layer equals DeepSpeed's capacity layer on one process;
 - the all-to-all dispatcher on 2 and 4 gloo ranks (tests/workers/moe_dispatch.py): random routes, everything to
   one expert, ranks that receive nothing, a rank with no tokens, one and several local experts, fp32 and bf16;
-- DeepSpeed's pipeline engine (tests/dist/run_pipeline.py) at PP=2 x DP=2 with EP=1/2 and PP=1 x DP=4 with
+- DeepSpeed's pipeline engine (tests/workers/train_pipeline.py) at PP=2 x DP=2 with EP=1/2 and PP=1 x DP=4 with
   EP=1/2/4: exact = plain model = capacity, losses and pre-clip gradient norms, fp32 within 1e-5 relative.
 """
 
@@ -36,7 +36,7 @@ from recipe.parallel.dispatch import group_by_local_expert
 
 from helpers.launch import REPO, torchrun
 
-DRIVER = os.path.join(REPO, "tests", "dist", "run_pipeline.py")
+DRIVER = os.path.join(REPO, "tests", "workers", "train_pipeline.py")
 WORKER = os.path.join(REPO, "tests", "workers", "moe_dispatch.py")
 RTOL = 1e-5
 

@@ -96,8 +96,11 @@ def test_attention_backend_follows_the_device_and_the_override(monkeypatch):
         return SimpleNamespace(is_cuda=kind == "cuda", device=SimpleNamespace(type=kind))
 
     monkeypatch.delenv(ops.ATTENTION_ENV, raising=False)
-    assert ops.attention_impl(torch.zeros(1)) == ops.attention_impl(on("cpu")) == "dense"
+    assert ops.attention_impl(torch.zeros(1)) == ops.attention_impl(on("cpu")) == "varlen"
     assert ops.attention_impl(on("cuda")) == ops.attention_impl(on("npu")) == "varlen"
+    assert not ops.has_varlen_kernel(torch.zeros(1)) and ops.has_varlen_kernel(on("cuda"))
+    assert ops.has_varlen_kernel(on("npu"))
+    assert ops.build_attention_layout(torch.tensor([[1, 1, 2, 2, 0]])).kind == "varlen"
     monkeypatch.setenv(ops.ATTENTION_ENV, "dense")
     assert ops.attention_impl(on("cuda")) == "dense"
     monkeypatch.setenv(ops.ATTENTION_ENV, "flash")
@@ -152,7 +155,7 @@ def test_pipeline_packed_equals_unpacked(tiny_ckpt, tmp_path):
     from helpers.launch import REPO, torchrun
     from helpers.reference import reference_run
 
-    driver = os.path.join(REPO, "tests", "dist", "run_pipeline.py")
+    driver = os.path.join(REPO, "tests", "workers", "train_pipeline.py")
     ckpt = tiny_ckpt(like="base", image_size=42)
     runs = {}
     for name, extra in (("unpacked", ["--mbs", "3"]), ("packed", ["--pack", "3", "--attention", "varlen"])):

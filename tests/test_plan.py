@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from recipe.parallel import layout
 from recipe.plan import ATLAS_800T_A2_BF16_TFLOPS, ORIGINAL_RECIPE_SPS, GiB, format_plan, main, plan
 from recipe.plan.cli import released_size
 
-from helpers.launch import REPO
+from helpers.launch import REPO, torchrun
 
 RELEASED = os.path.join(REPO, "recipe", "released_configs")
 EP8 = os.path.join(REPO, "ds_configs", "ep8.json")
@@ -69,12 +66,6 @@ def test_per_layer_counts_match_a_meta_build(name):
     assert p.total_params == sum(math.prod(s) for s in built.values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_optimizer_state_bytes_equal_the_real_engine(tmp_path):
     """PP=2 x DP=2 with EP=2 on 4 CPU ranks, bf16 + fp32 accumulation + ZeRO-1 (BF16_Optimizer), embeddings frozen,
@@ -88,12 +79,9 @@ def test_optimizer_state_bytes_equal_the_real_engine(tmp_path):
                      "activation_checkpointing": True, "freeze": {"embeddings": True}}}
     config = tmp_path / "ds.json"
     config.write_text(json.dumps(ds))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(_free_port()),
-           os.path.join(REPO, "tests", "helpers", "engine_memory.py"), "--ds-config", str(config),
-           "--out", str(tmp_path / "out"), "--like", "base"]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun(os.path.join(REPO, "tests", "workers", "engine_memory.py"), 4,
+             ["--ds-config", str(config), "--out", str(tmp_path / "out"), "--like", "base"],
+             str(tmp_path / "engine_memory.log"), timeout=300)
 
     expected = plan(tiny_config("base", image_size=42), ds, suggest=False).stages
     keys = ("weights_bytes", "lp_grad_bytes", "grad_accum_bytes", "master_bytes", "optimizer_bytes")

@@ -15,7 +15,7 @@ from helpers.reference import reference_losses
 from helpers.runs import write_config
 
 pytestmark = pytest.mark.slow
-DRIVER = os.path.join(REPO, "tests", "dist", "run_pipeline.py")
+DRIVER = os.path.join(REPO, "tests", "workers", "train_pipeline.py")
 # fp32 on CPU: the pipeline sums the same terms in another order (micro-batches, stages, all-to-all), so losses
 # agree to rounding, not bit for bit. Measured: <= 2e-7 relative.
 RTOL = 1e-5

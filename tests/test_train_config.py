@@ -242,7 +242,7 @@ def test_project_configs_load(path):
 
 def test_the_test_suites_configs_load(tmp_path):
     """The DeepSpeed keys of tests/helpers/runs.py (with a monitor, as test_train.py adds), of
-    tests/dist/run_pipeline.py and tests/test_plan.py."""
+    tests/workers/train_pipeline.py and tests/test_plan.py."""
     inputs = {"model_dir": "m", "train_data": "d", "image_root": "i"}
     monitor = {"csv_monitor": {"enabled": True, "output_path": "mon", "job_name": "full"}}
     load_run_config(write_config(tmp_path / "runs.json", inputs, tmp_path / "save", ds=monitor))

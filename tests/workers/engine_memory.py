@@ -1,6 +1,6 @@
 """Measure what the real DeepSpeed pipeline engine holds per rank, for comparison with ``recipe.plan`` (CPU, gloo).
 
-    torchrun --nproc_per_node 4 tests/helpers/engine_memory.py --ds-config DS.json --out DIR
+    torchrun --nproc_per_node 4 tests/workers/engine_memory.py --ds-config DS.json --out DIR
 
 Builds ``VL2Pipeline`` on a tiny config as the JSON's ``recipe`` block describes (stages, split, EP, checkpointing,
 freezing), runs one ``train_batch`` of synthetic data and writes ``DIR/rank{R}.json`` with the bytes of: the
@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import torch  # noqa: E402
+import torch
 
 
 def _bytes(tensors) -> int:
