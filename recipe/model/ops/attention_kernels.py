@@ -16,8 +16,8 @@ import torch.nn.functional as F
 # (:func:`build_attention_layout`) and handed to every layer as the ``mask`` argument of :func:`attention`:
 #   causal  one segment per row and right padding: plain causal attention (fused SDPA kernels run);
 #   dense   a [B, 1, T, T] boolean "may attend" mask (causal within equal segment ids): SDPA with a mask, the
-#           reference and the CPU path;
-#   varlen  packed rows on an accelerator: every row is cut into its runs of equal segment id (the samples, and
+#           reference (``RECIPE_ATTENTION=dense``);
+#   varlen  packed rows (the default on every device): every row is cut into its runs of equal segment id (the samples, and
 #           the padding at the end as one more run) and the rows laid end to end as [B*T, H, d] ("TND"); a
 #           variable-length causal kernel attends within each run: no [T, T] mask exists. cu_seqlens (the runs'
 #           cumulative lengths, [n + 1] int32) sits on the device for CUDA kernels and on the host for Ascend's,
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 # (:func:`varlen_attention_reference`, the reference the others are tested against). MLA's values are narrower
 # than its queries/keys (128 vs 192): the fused kernels get v zero-padded to the query/key width and the output
 # is sliced back (exact: the padded columns are zero); the per-run SDPA takes the widths as they are.
-# ``RECIPE_ATTENTION=dense|varlen`` overrides the choice (``varlen`` on CPU runs the per-run reference).
+# Packed rows take the varlen path on every device by default; ``RECIPE_ATTENTION=dense`` selects the [T, T] mask
+# (the reference; the only path with attention dropout).
 
 ATTENTION_ENV = "RECIPE_ATTENTION"
 NPU = "npu"
@@ -90,14 +91,17 @@ def has_varlen_kernel(t: torch.Tensor) -> bool:
 
 
 def attention_impl(t: torch.Tensor) -> str:
-    """``dense`` or ``varlen`` for packed rows of tensors like ``t``: varlen where the device has a fused kernel
-    (:func:`has_varlen_kernel`), dense elsewhere (CPU), unless ``RECIPE_ATTENTION`` says otherwise."""
+    """``dense`` or ``varlen`` for packed rows of tensors like ``t``: ``varlen`` on every device unless
+    ``RECIPE_ATTENTION`` says otherwise. Where the device has a fused kernel (:func:`has_varlen_kernel`) it runs
+    that; elsewhere (CPU) the per-run SDPA, which computes sum(L_i^2) scores instead of the [T, T] mask's T^2 and
+    gives the same outputs (bench/packing.py: packed steps 1.5-2.3x faster than with the mask on CPU). ``dense``,
+    the masked SDPA, stays as the reference the varlen paths are tested against."""
     forced = os.environ.get(ATTENTION_ENV, "").strip().lower()
     if forced in ("dense", "varlen"):
         return forced
     if forced not in ("", "auto"):
         raise ValueError(f"{ATTENTION_ENV}={forced!r}: expected auto, dense or varlen")
-    return "varlen" if has_varlen_kernel(t) else "dense"
+    return "varlen"
 
 
 def varlen_runs(segment_ids_BT: torch.Tensor) -> torch.Tensor:
