@@ -1,4 +1,4 @@
-"""The one place training code asks about devices, memory, RNG and synchronisation.
+"""The one place recipe code asks which accelerator it runs on, for its device and its memory figures.
 
 Everything goes through DeepSpeed's ``get_accelerator()``, so the same code runs on Ascend NPUs (``npu``, HCCL),
 NVIDIA GPUs (``cuda``, NCCL) and CPU (``cpu``, gloo); ``DS_ACCELERATOR`` picks one, otherwise DeepSpeed detects it.
@@ -71,7 +71,7 @@ def memory_stats() -> dict:
     """Memory figures for logs, in bytes.
 
     ``allocated`` / ``reserved`` / ``peak``: what the accelerator's caching allocator reports (peak = max allocated
-    since the last :func:`reset_peak_memory_stats`); None on CPU, where DeepSpeed's accelerator only echoes process
+    since the process started); None on CPU, where DeepSpeed's accelerator only echoes process
     RSS. ``rss`` / ``peak_rss``: host memory of this process from ``/proc/self/status`` (VmRSS / VmHWM), on every
     accelerator (None where ``/proc`` is missing).
     """
@@ -82,25 +82,3 @@ def memory_stats() -> dict:
         stats.update(allocated=int(acc.memory_allocated()), reserved=int(acc.memory_reserved()),
                      peak=int(acc.max_memory_allocated()))
     return stats
-
-
-def reset_peak_memory_stats() -> None:
-    acc = _accelerator()
-    if acc._name != "cpu":
-        acc.reset_peak_memory_stats()
-
-
-def manual_seed_all(seed: int) -> None:
-    """Seed the host RNG and every device RNG of the accelerator."""
-    torch.manual_seed(seed)
-    _accelerator().manual_seed_all(seed)
-
-
-def synchronize() -> None:
-    """Wait for all queued work on this rank's device (a no-op on CPU)."""
-    _accelerator().synchronize()
-
-
-def communication_backend() -> str:
-    """``hccl`` / ``nccl`` / ``gloo``: the torch.distributed backend DeepSpeed uses on this accelerator."""
-    return _accelerator().communication_backend_name()

@@ -34,7 +34,7 @@ def write_training_checkpoint(tensors: dict, cfg: VL2Config, save_dir: str, tag:
     parts = L.stage_parts(cfg, num_stages, decoder_split or balanced_decoder_split(cfg, num_stages))
     tag_dir = os.path.join(save_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
-    groups = converted_fmt.keys_by_layer(cfg, tensors)
+    groups = L.keys_by_layer(cfg, tensors)
     for s in range(num_stages):
         module, moe_j = OrderedDict(), 0
         for idx in range(parts[s], parts[s + 1]):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from recipe.checkpoint import CheckpointError
-from recipe.checkpoint.converted import convert_hf_to_ds, keys_by_layer
+from recipe.checkpoint.converted import convert_hf_to_ds
 from recipe.checkpoint.hf import iter_tensors
 from recipe.config import VL2Config
 from recipe.eval import ai2d
@@ -150,7 +150,7 @@ def _write_training_checkpoint(hf_dir: str, save_dir: str, tag: str = "global_st
     tag_dir = os.path.join(save_dir, tag)
     os.makedirs(tag_dir)
     module, moe_j = {}, 0
-    for idx, names in keys_by_layer(cfg, tensors).items():
+    for idx, names in L.keys_by_layer(cfg, tensors).items():
         experts = defaultdict(dict)
         for name in names:
             local = L.hf_to_local(layers[idx], name)

@@ -65,14 +65,6 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().clone()
 
 
-def keys_by_layer(cfg: VL2Config, names: Iterable[str]) -> "OrderedDict[int, list[str]]":
-    """Group tensor names by owning pipeline layer (layer order; names keep their given order within a layer)."""
-    groups: dict[int, list[str]] = {}
-    for name in names:
-        groups.setdefault(layout.layer_index_of(cfg, name), []).append(name)
-    return OrderedDict(sorted(groups.items()))
-
-
 def _source_summary(hf_dir: str, weight_map: dict) -> dict:
     """What the manifest records about the source checkpoint."""
     files = {f: os.path.getsize(os.path.join(hf_dir, f)) for f in sorted(set(weight_map.values()))}
@@ -118,7 +110,7 @@ def convert_hf_to_ds(hf_dir: str, out_dir: str, dtype: DtypeArg = None, overwrit
     expected = check_against_config(cfg, {k: s.shape for k, s in sources.items()},
                                     lambda k: os.path.join(hf_dir, weight_map[k]), hf_dir, state_shapes(cfg))
     layers = layout.build_layout(cfg)
-    groups = keys_by_layer(cfg, expected)
+    groups = layout.keys_by_layer(cfg, expected)
     out_nbytes = {k: _out_nbytes(sources[k], dtype) for k in expected}
     total = sum(out_nbytes.values())
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,

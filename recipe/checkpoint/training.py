@@ -32,7 +32,6 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from recipe.checkpoint import CheckpointError
-from recipe.checkpoint.converted import keys_by_layer
 from recipe.checkpoint.files import atomic_write_text, load_torch, resolve_inside
 from recipe.checkpoint.validate import check_against_config
 from recipe.config import VL2Config
@@ -366,7 +365,7 @@ class TrainingCheckpoint:
         self.refs = _index_training(self.tag_dir, self.config, self._load)
         expected = check_against_config(self.config, {k: r.shape for k, r in self.refs.items()},
                                         lambda k: self.refs[k].path, self.tag_dir, state_shapes(self.config))
-        self.order = [k for _, names in keys_by_layer(self.config, expected).items() for k in names]
+        self.order = [k for _, names in layout.keys_by_layer(self.config, expected).items() for k in names]
 
     def __len__(self) -> int:
         return len(self.order)

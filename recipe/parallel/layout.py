@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from recipe.config import ConfigError, VL2Config
 
@@ -137,6 +137,15 @@ def layer_index_of(cfg: VL2Config, hf_key: str) -> int:
         if any(_matches(hf_key, hf) for hf, _ in PREFIXES[kind]):
             return _index(cfg, kind)
     raise KeyError(f"{hf_key}: not a DeepSeek-VL2 tensor name")
+
+
+def keys_by_layer(cfg: VL2Config, names: Iterable[str]) -> dict[int, list[str]]:
+    """Tensor names grouped by owning pipeline layer, in layer order (names keep their given order within a
+    layer)."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(layer_index_of(cfg, name), []).append(name)
+    return dict(sorted(groups.items()))
 
 
 def parse_expert_key(hf_key: str) -> Optional[tuple[int, int, str]]:
