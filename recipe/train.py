@@ -65,7 +65,7 @@ def setup_logging(rank: int) -> None:
 
 def build_model(tc: TrainConfig, cfg: VL2Config, resuming: bool):
     """The pipeline module with this rank's layers, frozen parts set, weights loaded (unless resuming, when
-    DeepSpeed's checkpoint provides them)."""
+    DeepSpeed's checkpoint provides them), LoRA adapters added when ``recipe.lora`` is set."""
     from recipe.parallel.loading import load_pretrained
     from recipe.parallel.pipeline import VL2Pipeline, freeze
 
@@ -80,6 +80,14 @@ def build_model(tc: TrainConfig, cfg: VL2Config, resuming: bool):
         n = load_pretrained(module, tc.model_dir)
         logger.info("loaded %d tensors of stage %d from %s in %.1f s", n, module.stage_id, tc.model_dir,
                     time.time() - t)
+    if tc.lora is not None:  # after loading (the adapters are no checkpoint tensors), before deepspeed.initialize
+        from recipe.parallel.lora import apply_lora
+
+        lora = tc.lora_config
+        adapted = apply_lora(module, lora, tc.seed)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        logger.info("LoRA rank %d alpha %g on %d modules of this rank (%d trainable parameters); base frozen",
+                    lora.rank, lora.alpha, len(adapted), trainable)
     return module
 
 

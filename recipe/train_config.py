@@ -20,10 +20,11 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from recipe.config import ConfigError, VL2Config, load_json
 from recipe.deepspeed_keys import check_deepspeed_keys
+from recipe.lora.config import LoraConfig
 from recipe.parallel import layout
 from recipe.parallel.cost import balanced_decoder_split
 from recipe.settings import AllowedKeys, PathStr, check_value, field_types, kind_of, show
@@ -84,6 +85,11 @@ class TrainConfig:
         default_factory=lambda: dict.fromkeys(layout.FREEZE_GROUPS, False))
     """Parts to keep fixed: vision (ViT), projector (+ image_newline, view_seperator), language (decoder + head),
     embeddings (token table). Parts left out of the JSON object stay trainable (false)."""
+    lora: Optional[dict[str, Any]] = None
+    """LoRA fine-tuning: null trains the model itself; an object ({} for the defaults) trains low-rank adapters on
+    the target modules with every base weight frozen: rank (8), alpha (16), dropout (0), target_modules (patterns of
+    checkpoint module names, '*' = one name part; default attention projections, shared experts, dense MLPs,
+    projector). See recipe/lora/config.py and the README's LoRA section."""
     train_steps: int = 100
     """Optimizer steps to run (a resumed run continues up to this step)."""
     save_interval: int = 0
@@ -173,6 +179,18 @@ class TrainConfig:
         if self.eval_data is None and self.eval_interval > 0:
             raise ConfigError(f"{where}.eval_interval={self.eval_interval} needs {where}.eval_data (a prepared "
                               f"held-out jsonl, e.g. prepare_ai2d.py --val-fraction 0.02 --val-output PATH)")
+
+        if self.lora is not None:
+            self.lora_config  # noqa: B018 (checks the block)
+            frozen = [k for k, v in self.freeze.items() if v]
+            if frozen:
+                raise ConfigError(f"{where}.freeze={show(self.freeze)} with {where}.lora: LoRA already freezes every "
+                                  f"base weight and trains only the adapters; remove the freeze settings")
+
+    @property
+    def lora_config(self) -> Optional[LoraConfig]:
+        """The validated ``lora`` block, or None when the run trains the model itself."""
+        return None if self.lora is None else LoraConfig.from_dict(self.lora, f"{RECIPE_KEY}.lora")
 
     @property
     def split(self) -> Optional[list]:
@@ -330,5 +348,22 @@ class RunLayout:
                 pp > 1 and (tc.freeze.get("language") or parts[1] == layout.first_decoder_index(model)):
             raise ConfigError("recipe.freeze leaves pipeline stage 0 without trainable parameters; DeepSpeed needs "
                               "a gradient to send back from it. Unfreeze a part or give stage 0 decoder layers")
+        if tc.lora is not None:
+            check_lora_layout(tc.lora_config, model, pp, split)
         return cls(world_size=world_size, pipeline_stages=pp, data_parallel=dp, expert_parallel=ep, micro_batch=mbs,
                    grad_accum_steps=gas, global_batch=mbs * gas * dp, decoder_split=list(split), parts=parts)
+
+
+def check_lora_layout(lora: LoraConfig, model: VL2Config, pipeline_stages: int, decoder_split: list) -> list[str]:
+    """Every target pattern adapts a layer of this model, and with PP > 1 stage 0 holds an adapter (DeepSpeed's
+    pipeline needs a gradient to send back from every stage). Returns the adapted module names."""
+    from recipe.lora.inject import model_linear_names
+
+    targets = lora.targets(model_linear_names(model))
+    if pipeline_stages > 1:
+        first_stage = ("vision.", "projector.") + tuple(f"language.model.layers.{j}." for j in range(decoder_split[0]))
+        if not any(t.startswith(first_stage) for t in targets):
+            raise ConfigError(f"recipe.lora.target_modules={show(lora.target_modules)} put no adapter on pipeline "
+                              f"stage 0 (ViT, projector and decoder layers 0..{decoder_split[0] - 1}); DeepSpeed "
+                              f"needs a gradient to send back from it. Add e.g. \"projector.layers.*\"")
+    return targets

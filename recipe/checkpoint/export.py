@@ -21,7 +21,10 @@ from recipe.checkpoint.hf import INDEX_NAME, SINGLE_NAME, copy_side_files, load_
 from recipe.checkpoint.training import list_tags, read_training_checkpoint
 from recipe.checkpoint.validate import check_against_config
 from recipe.config import VL2Config
+from recipe.lora.adapter import write_adapter
+from recipe.lora.config import lora_module_of
 from recipe.model import state_shapes
+from recipe.model.lora import merged_weight
 from recipe.parallel import layout
 
 logger = logging.getLogger(__name__)
@@ -44,9 +47,10 @@ def detect_kind(src_dir: str) -> str:
                           f"checkpoint ('latest' or <tag>/mp_rank_00_model_states.pt)")
 
 
-def export_to_hf(src_dir: str, out_dir: str, dtype: DtypeArg = torch.bfloat16,
+def export_to_hf(src_dir: str, out_dir: Optional[str], dtype: DtypeArg = torch.bfloat16,
                  max_shard_size: Union[int, str] = "5GB", overwrite: bool = False, *, tag: Optional[str] = None,
-                 config_dir: Optional[str] = None, progress: bool = True) -> dict:
+                 config_dir: Optional[str] = None, progress: bool = True, merge_lora: bool = False,
+                 lora_adapter_out: Optional[str] = None) -> dict:
     """Write an HF checkpoint (released-style shards, index, config, tokenizer and processor files) from a
     converted directory or a DeepSpeed training checkpoint (detected from the contents of ``src_dir``).
 
@@ -56,13 +60,28 @@ def export_to_hf(src_dir: str, out_dir: str, dtype: DtypeArg = torch.bfloat16,
         tag: training checkpoints only; None = the ``latest`` tag.
         config_dir: training checkpoints only: where config.json and the tokenizer / processor files are, when
             not in the checkpoint directory.
+        merge_lora: a LoRA run's checkpoint: write W + (B @ A) * alpha / r (computed in fp32) for every adapted
+            weight. A LoRA checkpoint needs it (or only ``lora_adapter_out``): its base alone is not the trained
+            model.
+        lora_adapter_out: a LoRA run's checkpoint: also (or, with ``out_dir`` None, only) write its adapters as a
+            PEFT adapter directory there (``recipe.lora.adapter``), tensors in ``dtype``.
 
-    Returns the written weight map (name -> shard file).
+    Returns the written weight map (name -> shard file); {} when only the adapter was written.
     """
     src_dir = os.path.abspath(src_dir)
     kind = detect_kind(src_dir)
-    _, out_dir = check_output_dir(src_dir, out_dir, overwrite)
+    if merge_lora and out_dir is None:
+        raise ValueError("--merge-lora writes a full checkpoint: give --out")
+    if out_dir is None and lora_adapter_out is None:
+        raise ValueError("give an output directory (--out), a LoRA adapter directory (--lora-adapter-out), or both")
+    if out_dir is not None:
+        _, out_dir = check_output_dir(src_dir, out_dir, overwrite)
+    if lora_adapter_out is not None:
+        check_output_dir(src_dir, lora_adapter_out, overwrite)
     dtype = parse_dtype(dtype)
+    if kind == CONVERTED and (merge_lora or lora_adapter_out):
+        raise ValueError(f"{src_dir} is a converted layout, which holds no LoRA adapters; --merge-lora and "
+                         f"--lora-adapter-out apply to checkpoints of runs with recipe.lora")
     if kind == CONVERTED:
         if tag is not None:
             raise ValueError(f"{src_dir} is a converted layout; --tag applies to training checkpoints only")
@@ -81,7 +100,13 @@ def export_to_hf(src_dir: str, out_dir: str, dtype: DtypeArg = torch.bfloat16,
             raise CheckpointError(f"{src_dir}: pass config_dir (where config.json and the tokenizer files are)")
         stored = {k: (ckpt.refs[k].shape, ckpt.refs[k].dtype) for k in ckpt.order}
         stream, side_dir = iter(ckpt), ckpt.side_dir
+        if ckpt.lora_refs or merge_lora or lora_adapter_out:
+            stream = _lora_outputs(ckpt, stream, merge_lora, lora_adapter_out, dtype, overwrite)
+            if out_dir is None:
+                return {}
     specs = OrderedDict((k, (shape, _out_dtype(d, dtype))) for k, (shape, d) in stored.items())
+    # merged weights come out of the stream in fp32; each tensor takes its spec's dtype on the way to the file
+    stream = ((k, t.to(specs[k][1]) if t.is_floating_point() else t) for k, t in stream)
     total = sum(spec_nbytes(spec) for spec in specs.values())
     logger.info("exporting %s checkpoint %s -> %s (%d tensors, %.2f GB, dtype %s)", kind, src_dir, out_dir,
                 len(specs), total / 1e9, dtype_name(dtype) if dtype else "kept")
@@ -95,7 +120,7 @@ def export_to_hf(src_dir: str, out_dir: str, dtype: DtypeArg = torch.bfloat16,
 
     t0 = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        weight_map = write_hf_shards(specs, ((k, cast_floating(t, dtype)) for k, t in stream), tmp,
+        weight_map = write_hf_shards(specs, stream, tmp,
                                      parse_size(max_shard_size), on_tensor=on_tensor)
         copy_side_files(side_dir, tmp)
         load_weight_map(tmp, check_files=True)  # re-read every header: the export is complete and consistent
@@ -121,3 +146,42 @@ def _check_manifest_layers(manifest: dict, cfg: VL2Config, ds_dir: str) -> None:
 
 def _out_dtype(stored: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def _lora_outputs(ckpt, stream, merge: bool, adapter_out: Optional[str], dtype: Optional[torch.dtype],
+                  overwrite: bool):
+    """Check the LoRA options against the checkpoint, write the PEFT adapter directory when asked, and return the
+    tensor stream for the full export: the base as stored, with ``W + (B @ A) * scale`` (fp32) for adapted
+    weights when merging."""
+    if not ckpt.lora_refs:
+        raise CheckpointError(f"{ckpt.tag_dir}: no LoRA tensors (not a run with recipe.lora); drop --merge-lora and "
+                              f"--lora-adapter-out")
+    modules = sorted({lora_module_of(k)[0] for k in ckpt.lora_refs})
+    if not merge and adapter_out is None:
+        raise CheckpointError(f"{ckpt.tag_dir}: a LoRA run's checkpoint (adapters on {len(modules)} modules, e.g. "
+                              f"{modules[0]}); its base weights alone are not the trained model. Pass --merge-lora "
+                              f"for a full merged checkpoint and/or --lora-adapter-out DIR for a PEFT adapter")
+    cfg = ckpt.lora_config()
+    tensors = ckpt.lora_tensors()
+    missing = [m for m in modules if m + ".weight" not in ckpt.refs]
+    if missing:
+        raise CheckpointError(f"{ckpt.tag_dir}: LoRA tensors for {missing[:3]}, which have no base weight")
+    if adapter_out is not None:
+        write_adapter(adapter_out, cfg, {k: cast_floating(t, dtype) for k, t in tensors.items()}, overwrite)
+        logger.info("wrote the PEFT adapter of %d modules (rank %d, alpha %g) to %s", len(modules), cfg.rank,
+                    cfg.alpha, adapter_out)
+    if not merge:
+        return stream
+    lora = {m: (tensors[m + ".lora_A.weight"], tensors[m + ".lora_B.weight"]) for m in modules}
+
+    def merged():
+        for name, t in stream:
+            module = name[:-len(".weight")] if name.endswith(".weight") else None
+            if module in lora:
+                a, b = lora[module]
+                yield name, merged_weight(t, a, b, cfg.scale)
+            else:
+                yield name, t
+    logger.info("merging LoRA (rank %d, alpha %g, scale %g) into %d weights", cfg.rank, cfg.alpha, cfg.scale,
+                len(modules))
+    return merged()

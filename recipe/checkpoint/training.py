@@ -34,7 +34,8 @@ import torch
 from recipe.checkpoint import CheckpointError
 from recipe.checkpoint.files import atomic_write_text, load_torch, resolve_inside
 from recipe.checkpoint.validate import check_against_config
-from recipe.config import VL2Config
+from recipe.config import ConfigError, VL2Config
+from recipe.lora.config import LoraConfig, is_lora_key
 from recipe.model import state_shapes
 from recipe.parallel import layout
 
@@ -363,12 +364,40 @@ class TrainingCheckpoint:
         self._verified: set = set()
         self.config, self.side_dir = _config_for(self.ckpt_dir, self.tag_dir, config)
         self.refs = _index_training(self.tag_dir, self.config, self._load)
+        # LoRA runs (recipe.lora) save their adapters beside the frozen base; they are no tensors of config.json's
+        # model, so they are kept apart (export merges them or writes them as a PEFT adapter)
+        self.lora_refs = {k: self.refs.pop(k) for k in [k for k in self.refs if is_lora_key(k)]}
         expected = check_against_config(self.config, {k: r.shape for k, r in self.refs.items()},
                                         lambda k: self.refs[k].path, self.tag_dir, state_shapes(self.config))
         self.order = [k for _, names in layout.keys_by_layer(self.config, expected).items() for k in names]
 
     def __len__(self) -> int:
         return len(self.order)
+
+    def lora_config(self) -> LoraConfig:
+        """The run's ``recipe.lora`` block, from the tag's ``run_config.json`` (alpha is in no tensor)."""
+        path = os.path.join(self.tag_dir, "run_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                block = json.load(f).get("recipe", {}).get("lora")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: cannot read the run's recipe.lora settings ({e})") from None
+        if block is None:
+            raise CheckpointError(f"{path}: the checkpoint holds LoRA tensors but its recipe has no lora block")
+        try:
+            return LoraConfig.from_dict(block, f"{path}: recipe.lora")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+
+    def lora_tensors(self) -> dict:
+        """Every LoRA tensor of the checkpoint by HF-style name (``<module>.lora_A.weight``), copied into memory
+        (rank x (in + out) values per module: small next to the base)."""
+        out, path, state = {}, None, None
+        for name, ref in sorted(self.lora_refs.items(), key=lambda kv: kv[1].path):
+            if ref.path != path:  # one file mapped at a time, each once
+                path, state = ref.path, self._load(ref.path)
+            out[name] = (state if ref.is_expert else state["module"])[ref.key].clone()
+        return out
 
     def _load(self, path: str):
         """A checkpoint file, its sha256 checked against the completion record the first time it is read."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from recipe.config import LanguageConfig
 from recipe.model import ops
+from recipe.model.lora import LoraLinear, grouped_lora_delta
 
 
 class MLP(nn.Module):
@@ -283,11 +284,44 @@ def pack_experts(experts) -> None:
     ops.pack_rows([[e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight] for e in experts])
 
 
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_lora(experts) -> Optional[dict]:
+    """Which projections carry LoRA in every expert ({name: bool}), or None when the grouped path cannot run them:
+    some experts of a projection adapted and others not, or a layer that is neither ``nn.Linear`` nor our
+    :class:`LoraLinear` (e.g. a PEFT wrapper, whose forward the grouped GEMMs would bypass)."""
+    kinds = {}
+    for name in _PROJECTIONS:
+        layers = [getattr(e, name) for e in experts]
+        if not all(type(m) in (nn.Linear, LoraLinear) for m in layers):
+            return None
+        adapted = [isinstance(m, LoraLinear) for m in layers]
+        if any(adapted) and not all(adapted):
+            return None
+        kinds[name] = bool(adapted) and adapted[0]
+    return kinds
+
+
 def grouped_experts(x_ND: torch.Tensor, tokens_per_expert_G: torch.Tensor, experts) -> torch.Tensor:
-    """SwiGLU of every expert on its block of rows: two grouped GEMMs (gate+up, down). [N, D] -> [N, D]."""
+    """SwiGLU of every expert on its block of rows: two grouped GEMMs (gate+up, down). [N, D] -> [N, D].
+
+    LoRA on a projection adds its update as two more grouped GEMMs (``grouped_lora_delta``); experts the grouped
+    path cannot run (see :func:`expert_lora`) run one by one through their modules' forward."""
+    lora = expert_lora(experts)
+    if lora is None:
+        return experts_reference(x_ND, tokens_per_expert_G, experts)
     gate_up, down = expert_weight_groups(experts)
     gate, up = ops.grouped_linear(x_ND, gate_up, tokens_per_expert_G).chunk(2, dim=-1)
-    return ops.grouped_linear(F.silu(gate) * up, down, tokens_per_expert_G)
+    if lora["gate_proj"]:
+        gate = gate + grouped_lora_delta(x_ND, tokens_per_expert_G, [e.gate_proj for e in experts])
+    if lora["up_proj"]:
+        up = up + grouped_lora_delta(x_ND, tokens_per_expert_G, [e.up_proj for e in experts])
+    h = F.silu(gate) * up
+    y = ops.grouped_linear(h, down, tokens_per_expert_G)
+    if lora["down_proj"]:
+        y = y + grouped_lora_delta(h, tokens_per_expert_G, [e.down_proj for e in experts])
+    return y
 
 
 class RoutedExperts(nn.ModuleList):
