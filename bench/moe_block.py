@@ -32,14 +32,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from driver import run_ranks  # bench/driver.py
 
 PHASES = ("route", "permute", "exchange", "experts", "combine")
 
@@ -51,7 +48,7 @@ def accelerator():
 
 
 def bench_config(a):
-    from recipe.config import tiny_config
+    from recipe.tools.tiny_config import tiny_config
 
     # noaux_tc (the base model's router) so that the correction bias can skew the routing; one group
     return tiny_config("base", hidden_size=a.hidden, n_routed_experts=a.experts, num_experts_per_tok=a.topk,
@@ -378,14 +375,9 @@ def main() -> None:
         if ep == 1:
             rows += measure(a, 1, 0, None)
             continue
-        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        cmd = [torchrun, "--nproc_per_node", str(ep), "--master_port", str(29500 + os.getpid() % 1000), __file__,
-               "--rank-worker", "--out", a.out] + [arg for arg in sys.argv[1:] if arg != "--rank-worker"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-            raise SystemExit(proc.returncode)
+        run_ranks(__file__, ep, ["--rank-worker", "--out", a.out] + [arg for arg in sys.argv[1:]
+                                                                     if arg != "--rank-worker"],
+                  dict(os.environ, OMP_NUM_THREADS=str(a.threads)), port_base=29500)
         rows += json.load(open(a.out))
     print_table(rows, a)
 

@@ -40,19 +40,14 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
+from driver import bench_config, pp2_ep2_engine, run_ranks, timed_train_batch  # bench/driver.py
+from processor import COUNT_MIX, SIZE_MIX  # bench/processor.py: the ai2d-like image mix
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
-sys.path.insert(0, REPO)
-sys.path.insert(0, BENCH)
-
-from processor import COUNT_MIX, SIZE_MIX  # noqa: E402  (bench/processor.py: the ai2d-like image mix)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 POLICIES = ("original", "bucketed", "packed", "packed_varlen")
 DP, GAS, MBS = 2, 2, 1
@@ -64,7 +59,7 @@ MAX_TILES = 20
 # --- the ai2d-like mix -----------------------------------------------------------------------------------------------
 
 def tiler_384():
-    from recipe.config import ProcessorConfig
+    from recipe.data.processor_config import ProcessorConfig
     from recipe.data.tiling import ImageTiler
 
     pc = ProcessorConfig()  # released defaults: 384-px tiles, the 23 candidate resolutions
@@ -145,36 +140,20 @@ def plan_steps(specs: list, steps: int, seq_len: int) -> dict:
 
 # --- one policy on 4 ranks -------------------------------------------------------------------------------------------
 
-def bench_config():
-    from train_step import bench_config as cfg  # bench/train_step.py: the VL2-shaped CPU model
-
-    return cfg()
-
-
-def run_ranks(policies: list, steps: int, seq_len: int, samples: int, out: str) -> None:
+def run_policies(policies: list, steps: int, seq_len: int, samples: int, out: str) -> None:
     """One engine, the policies' steps interleaved round-robin (warm-up steps first), so that a machine whose load
     changes during the run slows every policy alike."""
-    import deepspeed
     import torch.distributed as dist
 
     from recipe.parallel.dist import init_distributed
-    from recipe.parallel.pipeline import VL2Pipeline, pipe_batch
     from recipe.tools.synthetic_batches import collate, collate_packed
-    from recipe.train_config import RunLayout
 
     init_distributed()
     torch.manual_seed(0)
     cfg = bench_config()
     specs = ai2d_like(samples)
     plans = plan_steps(specs, steps, seq_len)
-    module = VL2Pipeline(cfg, num_stages=2, ep_size=2, decoder_split=[2, 2])
-    ds = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": GAS, "steps_per_print": 10 ** 6,
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-          "zero_optimization": {"stage": 1}}
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
-                                                                      if p.requires_grad], config=ds)
-    run = RunLayout.from_config({"pipeline_stages": 2, "expert_parallel_size": 2, "decoder_split": [2, 2]}, ds, cfg,
-                                dist.get_world_size())
+    engine, module, run = pp2_ep2_engine(cfg, MBS, GAS)
     dp_rank = module.dp_rank
     order = [(policy, k) for k in range(max(len(plans[p]) for p in policies)) for policy in policies
              if k < len(plans[policy])]
@@ -190,14 +169,9 @@ def run_ranks(policies: list, steps: int, seq_len: int, samples: int, out: str) 
         for m in range(GAS):
             items = [materialise(specs[i], cfg) for i in step[m * DP + dp_rank]]
             micro.append(collate(items, pad_to_multiple=pad) if pad else collate_packed([items], BUCKET))
-        labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        counts = torch.tensor([labels, sum(int((b["segment_ids"] > 0).sum()) for b in micro),
-                               sum(b["segment_ids"].numel() for b in micro)], dtype=torch.float64)
-        dist.all_reduce(counts, group=engine.mpu.get_data_parallel_group())
-        dist.barrier()
-        t = time.perf_counter()
-        engine.train_batch(iter([pipe_batch(b, run.ce_scale(float(counts[0]))) for b in micro]))
-        dt = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+        seconds, counts = timed_train_batch(engine, run, micro, [sum(int((b["segment_ids"] > 0).sum()) for b in micro),
+                                                                 sum(b["segment_ids"].numel() for b in micro)])
+        dt = torch.tensor([seconds], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         if k:  # each policy's first step warms caches and allocators for its shapes
             results[policy].append({"time": float(dt), "samples": sum(len(r) for r in step), "rows": len(step),
@@ -213,7 +187,7 @@ def run_ranks(policies: list, steps: int, seq_len: int, samples: int, out: str) 
 
 def run_single(policies: list, steps: int, seq_len: int, samples: int) -> dict:
     """The same steps in one process (the plain model, torch AdamW): each policy's per-sample compute without the
-    pipeline, the all-to-all or CPU oversubscription. Steps interleaved as in :func:`run_ranks`."""
+    pipeline, the all-to-all or CPU oversubscription. Steps interleaved as in :func:`run_policies`."""
     from recipe.model import DeepseekVLV2ForCausalLM
     from recipe.tools.synthetic_batches import collate, collate_packed
 
@@ -371,7 +345,7 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/bench_packing.json", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rank_policies:
-        return run_ranks(a.rank_policies.split(","), a.steps, a.seq_len, a.samples, a.out)
+        return run_policies(a.rank_policies.split(","), a.steps, a.seq_len, a.samples, a.out)
     if a.gpu:
         return run_gpu(a.decoder_layers, a.steps, a.seq_len, a.samples, a.peak_tflops)
     mix = mix_report(seq_len=a.seq_len)
@@ -379,16 +353,10 @@ def main() -> None:
           f"{mix['p10']:.0f}, p90 {mix['p90']:.0f}, max {mix['max_tokens']}), {mix['mean_tiles']:.2f} tiles; packed "
           f"to {a.seq_len} in windows of 1024: fill {100 * mix['fill']:.1f}%, {mix['samples_per_row']:.2f} samples/row")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     policies = a.policies.split(",")
-    cmd = [torchrun, "--nproc_per_node", "4", "--master_port", str(29000 + os.getpid() % 1000), __file__,
-           "--rank-policies", ",".join(policies), "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--samples",
-           str(a.samples), "--out", a.out]
     t = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(proc.returncode)
+    run_ranks(__file__, 4, ["--rank-policies", ",".join(policies), "--steps", str(a.steps), "--seq-len",
+                            str(a.seq_len), "--samples", str(a.samples), "--out", a.out], env)
     got = json.load(open(a.out))
     results = [summarise(policy, got[policy]) for policy in policies]
     print(f"(4-rank run: {time.time() - t:.0f} s)")

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 
@@ -26,11 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recipe.data import Collator, DeepseekVLV2Processor, load_image  # noqa: E402
-from recipe.prepare_ai2d import prepare  # noqa: E402
-from recipe.tools.make_tiny import make_tiny  # noqa: E402
+from recipe.data import Collator, DeepseekVLV2Processor, load_image
+from recipe.prepare_ai2d import prepare
+from recipe.tools.make_tiny import make_tiny
 
 SEED_CLUSTER_SPS = 4.924
 SEED_DEVICES, SEED_DP = 32, 16

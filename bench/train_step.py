@@ -18,23 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from collections import defaultdict
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-
-def bench_config():
-    from recipe.config import tiny_config
-
-    return tiny_config("base", image_size=384, vocab_size=1024, hidden_size=256, num_hidden_layers=4,
-                       n_routed_experts=16, num_experts_per_tok=4, vision_width=128, vision_layers=4,
-                       moe_intermediate_size=128, intermediate_size=512)
+from driver import bench_config, pp2_ep2_engine, run_ranks, timed_train_batch  # bench/driver.py
 
 
 class PhaseTimer:
@@ -136,44 +124,27 @@ def summarize(name, times, tokens, moe, experts, samples_per_step) -> dict:
 
 
 def run_pipeline_rank(steps: int, mbs: int, gas: int, out: str, moe_dispatcher: str = "exact") -> None:
-    import deepspeed
     import torch.distributed as dist
 
     from recipe.parallel.dist import init_distributed
     from recipe.parallel.experts import ExpertParallelMoE
-    from recipe.parallel.pipeline import VL2Pipeline, pipe_batch
-    from recipe.train_config import RunLayout
 
     init_distributed()
     torch.manual_seed(0)
     cfg = bench_config()
-    module = VL2Pipeline(cfg, num_stages=2, ep_size=2, decoder_split=[2, 2], moe_dispatcher=moe_dispatcher)
+    engine, module, run = pp2_ep2_engine(cfg, mbs, gas, moe_dispatcher)
     timer = PhaseTimer()
     for m in module.modules():
         if isinstance(m, ExpertParallelMoE):
             timer.attach(m.moe, "moe")
             timer.attach(m.moe.deepspeed_moe.experts, "experts")
-    ds = {"train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": gas, "steps_per_print": 10 ** 6,
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-          "zero_optimization": {"stage": 1}}
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
-                                                                      if p.requires_grad], config=ds)
-    run = RunLayout.from_config({"pipeline_stages": 2, "expert_parallel_size": 2, "decoder_split": [2, 2]}, ds, cfg,
-                                dist.get_world_size())
     data = batches(cfg, (steps + 1) * gas * 2, mbs, seed=1)
     dp_rank = module.dp_rank
     times, tokens, moe, experts = [], [], [], []
     for step in range(steps + 1):
         mine = data[(step * 2 + dp_rank) * gas:(step * 2 + dp_rank + 1) * gas]
-        labels = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine)))
-        dist.all_reduce(labels, group=engine.mpu.get_data_parallel_group())
-        real = torch.tensor(float(sum(int(b["segment_ids"].sum()) for b in mine)))
-        dist.all_reduce(real, group=engine.mpu.get_data_parallel_group())
         timer.reset()
-        dist.barrier()
-        t = time.perf_counter()
-        engine.train_batch(iter([pipe_batch(b, run.ce_scale(float(labels))) for b in mine]))
-        dt = time.perf_counter() - t
+        dt, (_, real) = timed_train_batch(engine, run, mine, [sum(int(b["segment_ids"].sum()) for b in mine)])
         # per-stage MoE time; the step is as slow as the slowest stage, report the max over ranks
         phase = torch.tensor([timer.seconds("moe"), timer.seconds("experts")], dtype=torch.float64)
         dist.all_reduce(phase, op=dist.ReduceOp.MAX)
@@ -213,15 +184,9 @@ def main() -> None:
           f"accumulation {a.gas}; torch threads per process {torch.get_num_threads()}")
     rows = [run_single(a.steps, a.mbs, a.gas)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     for dispatcher in a.moe_dispatchers.split(","):
-        cmd = [torchrun, "--nproc_per_node", "4", "--master_port", str(29000 + os.getpid() % 1000), __file__,
-               "--pipeline-rank", "--steps", str(a.steps), "--mbs", str(a.mbs), "--gas", str(a.gas), "--out", a.out,
-               "--moe-dispatcher", dispatcher]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-            raise SystemExit(proc.returncode)
+        run_ranks(__file__, 4, ["--pipeline-rank", "--steps", str(a.steps), "--mbs", str(a.mbs), "--gas", str(a.gas),
+                                "--out", a.out, "--moe-dispatcher", dispatcher], env)
         rows.append(json.load(open(a.out)))
     print(f"\n{'setting':40s} {'s/step':>8s} {'samples/s':>10s} {'tokens/s':>9s} {'MoE':>6s} {'dispatch':>9s} "
           f"{'experts':>8s}")
