@@ -17,7 +17,6 @@ import os
 import pytest
 import torch
 
-from recipe.config import tiny_config
 from recipe.model import ops
 from recipe.model.moe import (
     MLP,
@@ -33,6 +32,7 @@ from recipe.model.moe import (
 )
 from recipe.model.ops import grouped_mm
 from recipe.parallel.dispatch import group_by_local_expert
+from recipe.tools.tiny_config import tiny_config
 
 from helpers.launch import REPO, torchrun
 
@@ -256,12 +256,18 @@ def test_all_to_all_dispatcher_is_exact_on_gloo_ranks(tmp_path, nprocs):
     for name, r in results.items():
         fp32 = name.endswith("float32")
         assert r["y_vs_per_token"] < (2e-6 if fp32 else 1e-2), name
-        assert r["y_vs_reference"] < (2e-6 if fp32 else 1e-6), name  # bf16: bit for bit the loop reference
+        # bf16: one rounding of the fp32 sum, whose order differs (per rank, then over ranks)
+        assert r["y_vs_reference"] < (2e-6 if fp32 else 1e-2), name
         for key in ("dx", "dweight", "dexperts"):
             assert r[key] < (2e-6 if fp32 else 2e-2), (name, key, r[key])
     # the forced routings really were imbalanced: one rank received everything, the others nothing
     assert results["all_to_expert_0/S7/E8/float32"]["rows_received"] == [7 * 3 * nprocs] + [0] * (nprocs - 1)
     assert results["all_to_last_rank/S7/E8/float32"]["rows_received"] == [0] * (nprocs - 1) + [7 * 3 * nprocs]
+    # a token travels once per destination rank, not once per route: 7 tokens x 3 routes, one rank -> 7 rows sent
+    assert results["all_to_expert_0/S7/E8/float32"]["rows_sent"] == [7] * nprocs
+    assert results["own_rank_only/S7/E8/float32"]["rows_sent"] == [7] * nprocs
+    random = results["random/S5/E8/float32"]
+    assert all(r <= min(5 * 3, 5 * nprocs) for r in random["rows_sent"]) and sum(random["rows_sent"]) >= 5 * nprocs
 
 
 def run_driver(tmp_path, ckpt, nprocs, stages, ep, dispatcher, steps=3, gas=2):

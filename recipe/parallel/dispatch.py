@@ -1,22 +1,28 @@
 """The exact-split all-to-all token dispatcher for expert parallelism.
 
 Each rank of an expert-parallel (EP) group of size P holds E / P experts (global ids ``r * E_l .. (r+1) * E_l - 1``
-on EP rank r). :class:`AllToAllDispatcher` sends every route's token row to the rank of its expert and the expert
-outputs back, with ``all_to_all_single`` over the exact per-rank row counts: no capacity, no padding, nothing
-dropped, so the bytes on the wire and the expert GEMM rows are the routes' count whatever the routing balance.
+on EP rank r). :class:`AllToAllDispatcher` sends every token to each rank that holds one of its experts, once per
+rank however many of its K routes go there, and brings back one partial sum per token and rank, with
+``all_to_all_single`` over the exact per-rank row counts: no capacity, no padding, nothing dropped. The bytes on
+the wire are the (token, rank) pairs' count, at most the routes' count (with 64 experts top-6 over 2 ranks a
+token reaches ~2 ranks with its 6 routes: a third of the bytes of sending one row per route; at EP=8 with 72
+experts ~4.5 ranks: 0.75 of them); the expert GEMM rows are the routes' count whatever the routing balance.
 
-    dispatch:  sort routes by global expert (= by destination rank, then local expert)  [N, D]
-               exchange the per-expert counts (one small all_to_all_single)
-               all_to_all_single of the rows with the exact split sizes                 [M, D], by (source, expert)
-               regroup the received rows by local expert for the grouped GEMM            [M, D], by (expert, source)
-    combine:   the inverse regrouping, the reverse all_to_all_single, unpermute and the fp32 gate-weighted sum
+    dispatch:  sort routes by global expert; pick the rows to send (token, destination), by rank then token [U, D]
+               exchange the per-expert and per-rank counts (one small all_to_all_single)
+               all_to_all_single of the rows, and of each route's row index, with the exact split sizes   [R, D]
+               expand the received rows to one per route, grouped by local expert for the grouped GEMM    [M, D]
+    combine:   the gate weights follow their routes (all_to_all_single); each received row's routes, weighted,
+               summed in fp32 [R, D]; the reverse all_to_all_single [U, D]; each token's partial sums added [S, D]
 
 The counts are read on the host once per call (split sizes must be Python ints); everything else stays on the
-device. Autograd: the backward of an exchange is the reverse exchange (:class:`AllToAllSingle`), of a regrouping
-the inverse permutation. Single-device runs use :class:`recipe.model.moe.LocalDispatcher`, the same interface.
+device. Autograd: the backward of an exchange is the reverse exchange (:class:`AllToAllSingle`), of an expansion
+the sum over its copies. Sums over a token's routes run in another order than the single-device combine's (per
+rank, then over ranks), so results equal it to fp32 rounding, not bit for bit. Single-device runs use
+:class:`recipe.model.moe.LocalDispatcher`, the same interface.
 
-Shape legend: S tokens, K routes per token, N = S*K routes sent, M rows received, D hidden, E experts, P EP ranks,
-E_l = E / P local experts.
+Shape legend: S tokens, K routes per token, N = S*K routes, U rows sent (distinct (token, rank) pairs), R rows
+received, M routes received, D hidden, E experts, P EP ranks, E_l = E / P local experts.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from recipe.model.moe import ExpertOrder, PermuteRows, TokenDispatcher, permute_routes, sort_routes, unpermute_combine
+from recipe.model.moe import ExpertOrder, PermuteRows, TokenDispatcher, sort_routes
 
 
 class AllToAllSingle(torch.autograd.Function):
@@ -65,10 +71,13 @@ def group_by_local_expert(counts_PE: torch.Tensor, total: int) -> tuple[torch.Te
 
 @dataclass
 class AllToAllHandle:
-    order: ExpertOrder           # this rank's routes sorted by global expert
-    send_splits: list            # rows sent to each EP rank [P]
-    recv_splits: list            # rows received from each EP rank [P]
-    regroup: tuple               # (perm, inverse) received <-> grouped by local expert, or None when identity
+    """What :meth:`AllToAllDispatcher.combine` needs from the dispatch (shapes in the module docstring)."""
+    order: ExpertOrder           # this rank's routes sorted by global expert (= by destination rank)
+    token_U: torch.Tensor        # [U] the token of each row sent (one per token and destination rank)
+    row_splits: tuple            # (send [P], receive [P]) rows per EP rank
+    route_splits: tuple          # (send [P], receive [P]) routes per EP rank
+    row_of_route_M: torch.Tensor  # [M] the received row of each local route, in grouped (expert, source) order
+    regroup: tuple               # (perm, inverse): received routes <-> grouped by local expert, or None (identity)
 
 
 class AllToAllDispatcher(TokenDispatcher):
@@ -82,37 +91,68 @@ class AllToAllDispatcher(TokenDispatcher):
 
     # The phases are separate methods so that bench/moe_block.py can time them one by one.
     def permute(self, x_SD: torch.Tensor, topk_idx_SK: torch.Tensor):
+        """Sort the routes by expert and pick the rows to send: every token once per EP rank that holds one of
+        its experts, by destination rank then token. Returns (x_UD, order, token_U, rows_per_rank_P,
+        route_row_N: for each sorted route, its row among those sent to its rank)."""
+        S, K = topk_idx_SK.shape
+        P = self.ep_size
         order = sort_routes(topk_idx_SK, self.num_experts)
-        return permute_routes(x_SD, order), order
+        rank_of_route_N = topk_idx_SK.reshape(-1) // self.num_local                # [S*K] by route id
+        token_of_route_N = torch.arange(S * K, device=x_SD.device) // K
+        needed_PS = torch.zeros(P * S, dtype=torch.bool, device=x_SD.device)
+        needed_PS[rank_of_route_N * S + token_of_route_N] = True
+        slot_PS = needed_PS.cumsum(0) - 1                                            # row in the send buffer
+        rows_P = needed_PS.view(P, S).sum(1)
+        first_row_P = rows_P.cumsum(0) - rows_P
+        token_U = needed_PS.nonzero().squeeze(1) % S
+        route_row = slot_PS[rank_of_route_N * S + token_of_route_N] - first_row_P[rank_of_route_N]
+        return x_SD.index_select(0, token_U), order, token_U, rows_P, route_row.index_select(0, order.order_N)
 
-    def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """Routes per local expert from every source rank, [P, E_l] (row p: what rank p sends here)."""
-        recv = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv, counts_E, group=self.group)
-        return recv.view(self.ep_size, self.num_local)
+    def exchange(self, x_UD: torch.Tensor, order: ExpertOrder, token_U: torch.Tensor, rows_P: torch.Tensor,
+                 route_row_N: torch.Tensor):
+        """Counts, then the rows and each route's row index, with exact splits; the received rows expanded to
+        one per route, grouped by local expert. Returns (x_MD, tokens per local expert [E_l], handle)."""
+        P, E_l = self.ep_size, self.num_local
+        send = torch.cat([order.counts_E.view(P, E_l), rows_P.view(P, 1)], dim=1)   # [P, E_l + 1]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        recv_PE = recv[:, :E_l]
+        # the only host synchronisation: split sizes are Python ints
+        send_routes, recv_routes, send_rows, recv_rows = torch.stack(
+            [send[:, :E_l].sum(1), recv_PE.sum(1), send[:, E_l], recv[:, E_l]]).tolist()
+        x_RD = AllToAllSingle.apply(x_UD, recv_rows, send_rows, self.group)          # [R, D] by (source, token)
+        row_M = route_row_N.new_empty(sum(recv_routes))
+        dist.all_to_all_single(row_M, route_row_N, recv_routes, send_routes, group=self.group)
+        first_row = torch.tensor(recv_rows, device=row_M.device).cumsum(0) - torch.tensor(recv_rows,
+                                                                                         device=row_M.device)
+        row_M = row_M + torch.repeat_interleave(first_row, torch.tensor(recv_routes, device=row_M.device),
+                                                output_size=row_M.numel())          # by (source, expert)
+        regroup = group_by_local_expert(recv_PE, row_M.numel()) if E_l > 1 else None
+        if regroup is not None:
+            row_M = row_M.index_select(0, regroup[0])                                 # by (expert, source)
+        handle = AllToAllHandle(order, token_U, (send_rows, recv_rows), (send_routes, recv_routes), row_M, regroup)
+        return x_RD.index_select(0, row_M), recv_PE.sum(0), handle
 
-    def exchange(self, x_ND: torch.Tensor, order: ExpertOrder):
-        recv_PE = self.exchange_counts(order.counts_E)
-        sizes = torch.stack([order.counts_E.view(self.ep_size, self.num_local).sum(1), recv_PE.sum(1)]).tolist()
-        send_splits, recv_splits = sizes
-        x_MD = AllToAllSingle.apply(x_ND, recv_splits, send_splits, self.group)
-        regroup = group_by_local_expert(recv_PE, sum(recv_splits)) if self.num_local > 1 else None
-        return x_MD, recv_PE.sum(0), AllToAllHandle(order, send_splits, recv_splits, regroup)
+    def weigh(self, y_MD: torch.Tensor, topk_weight_SK: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        """Each route's output times its gate weight, summed per received row in fp32: [R, D] float32."""
+        w_N = topk_weight_SK.reshape(-1).index_select(0, handle.order.order_N)
+        send_routes, recv_routes = handle.route_splits
+        w_M = AllToAllSingle.apply(w_N, recv_routes, send_routes, self.group)
+        if handle.regroup is not None:
+            w_M = PermuteRows.apply(w_M, *handle.regroup)
+        weighted_MD = y_MD.float() * w_M.float().unsqueeze(1)
+        R = sum(handle.row_splits[1])
+        return weighted_MD.new_zeros(R, y_MD.shape[1]).index_add(0, handle.row_of_route_M, weighted_MD)
 
-    def regroup(self, x_MD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        return x_MD if handle.regroup is None else PermuteRows.apply(x_MD, *handle.regroup)
-
-    def ungroup(self, y_MD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        return y_MD if handle.regroup is None else PermuteRows.apply(y_MD, handle.regroup[1], handle.regroup[0])
-
-    def exchange_back(self, y_MD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        return AllToAllSingle.apply(y_MD, handle.send_splits, handle.recv_splits, self.group)
+    def exchange_back(self, partial_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        """The per-row partial sums back to the ranks that sent the rows: [U, D] float32."""
+        send_rows, recv_rows = handle.row_splits
+        return AllToAllSingle.apply(partial_RD, send_rows, recv_rows, self.group)
 
     def dispatch(self, x_SD: torch.Tensor, topk_idx_SK: torch.Tensor):
-        x_ND, order = self.permute(x_SD, topk_idx_SK)
-        x_MD, tokens_per_expert, handle = self.exchange(x_ND, order)
-        return self.regroup(x_MD, handle), tokens_per_expert, handle
+        return self.exchange(*self.permute(x_SD, topk_idx_SK))
 
     def combine(self, y_MD: torch.Tensor, topk_weight_SK: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        y_ND = self.exchange_back(self.ungroup(y_MD, handle), handle)
-        return unpermute_combine(y_ND, topk_weight_SK, handle.order)
+        partial_UD = self.exchange_back(self.weigh(y_MD, topk_weight_SK, handle), handle)
+        S, D = topk_weight_SK.shape[0], y_MD.shape[1]
+        return partial_UD.new_zeros(S, D).index_add(0, handle.token_U, partial_UD).to(y_MD.dtype)

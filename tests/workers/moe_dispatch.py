@@ -85,15 +85,17 @@ def run_case(case: str, S: int, E: int, K: int, rank: int, world: int, group, dt
         a, b = a.detach().float(), b.detach().float()
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
 
-    recv = int(counts.sum())
+    recv, sent = int(counts.sum()), sum(handle.row_splits[0])
     errs = torch.tensor([rel(y, per_token), rel(y, y_ref), rel(xa.grad, xr.grad), rel(wa.grad, wr.grad),
-                         max(rel(a, b.view_as(a)) for a, b in zip(got, want)), float(recv)], dtype=torch.float64)
+                         max(rel(a, b.view_as(a)) for a, b in zip(got, want)), float(recv), float(sent)],
+                        dtype=torch.float64)
     gathered = [torch.zeros_like(errs) for _ in range(world)]
     dist.all_gather(gathered, errs, group=group)
     table = torch.stack(gathered)
     return {"y_vs_per_token": float(table[:, 0].max()), "y_vs_reference": float(table[:, 1].max()),
             "dx": float(table[:, 2].max()), "dweight": float(table[:, 3].max()),
-            "dexperts": float(table[:, 4].max()), "rows_received": table[:, 5].int().tolist()}
+            "dexperts": float(table[:, 4].max()), "rows_received": table[:, 5].int().tolist(),
+            "rows_sent": table[:, 6].int().tolist()}
 
 
 def main():
