@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import RELEASED_CONFIGS
 
-from recipe.config import ConfigError, ProcessorConfig, VL2Config, _tile_candidates, tiny_config
+from recipe.config import ConfigError, VL2Config, _tile_candidates
+from recipe.data.processor_config import ProcessorConfig
 from recipe.model import DeepseekVLV2ForCausalLM
+from recipe.tools.tiny_config import tiny_config
 
 RELEASED = {  # size -> (total parameters, state_dict tensors, hidden, layers, experts)
     "tiny": (3_370_501_440, 2582, 1280, 12, 64),

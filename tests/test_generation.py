@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from recipe.config import tiny_config
 from recipe.data import DeepseekVLV2Processor
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.model.attention import MultiHeadLatentAttention
 from recipe.model.generation import KVCache, select_next, to_left_padding
+from recipe.tools.tiny_config import tiny_config
 
 LIKES = ["tiny", "small", "base"]
 

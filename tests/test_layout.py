@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import RELEASED_CONFIGS, REPO
 
-from recipe.config import ConfigError, VL2Config, tiny_config
+from recipe.config import ConfigError, VL2Config
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.parallel import layout
 from recipe.parallel.cost import balanced_decoder_split
+from recipe.tools.tiny_config import tiny_config
 
 
 def released(name: str) -> VL2Config:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipe.config import tiny_config
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.parallel import layout
 from recipe.parallel.loading import (
@@ -19,6 +18,7 @@ from recipe.parallel.loading import (
     tensor_source_from_state_dict,
 )
 from recipe.parallel.pipeline import layer_specs
+from recipe.tools.tiny_config import tiny_config
 
 
 class Rank:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from recipe.checkpoint.hf import INDEX_NAME, CheckpointError
-from recipe.config import tiny_config
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.model.loss import causal_lm_loss
+from recipe.tools.tiny_config import tiny_config
 
 
 def make_batch(cfg, T=48, crops=((2, 1), (1, 1)), starts=(2, 5), seed=0):

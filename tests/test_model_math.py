@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipe.config import tiny_config
 from recipe.model import ops
 from recipe.model.attention import MultiHeadAttention, MultiHeadLatentAttention, build_attention_mask
 from recipe.model.moe import (
@@ -19,6 +18,7 @@ from recipe.model.moe import (
 )
 from recipe.model.projector import downsample_merge
 from recipe.model.vl2 import layout_image
+from recipe.tools.tiny_config import tiny_config
 
 torch.manual_seed(0)
 

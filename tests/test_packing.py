@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipe.config import tiny_config
 from recipe.model import DeepseekVLV2ForCausalLM, ops
 from recipe.model.ops import attention_kernels
 from recipe.tools.synthetic_batches import collate, collate_packed, label_count, synthetic_samples
+from recipe.tools.tiny_config import tiny_config
 
 TOL = 1e-5
 

@@ -4,8 +4,8 @@ test_layout.py)."""
 import pytest
 import torch
 
-from recipe.config import tiny_config
 from recipe.parallel.experts import DeepSeekGate, slot_locations
+from recipe.tools.tiny_config import tiny_config
 
 
 def test_slot_locations_number_routes_per_expert_in_slot_token_order():

@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 
-from recipe.config import tiny_config
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.parallel import layout
 from recipe.parallel import pipeline as pipe
 from recipe.parallel.experts import ExpertParallelMoE
 from recipe.parallel.loading import load_layers, tensor_source_from_state_dict
 from recipe.tools.synthetic_batches import collate, label_count, synthetic_samples
+from recipe.tools.tiny_config import tiny_config
 
 from helpers.launch import free_port
 

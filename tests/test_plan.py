@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 
-from recipe.config import ConfigError, VL2Config, tiny_config
+from recipe.config import ConfigError, VL2Config
 from recipe.model import DeepseekVLV2ForCausalLM
 from recipe.parallel import layout
 from recipe.plan import ATLAS_800T_A2_BF16_TFLOPS, ORIGINAL_RECIPE_SPS, GiB, format_plan, main, plan
 from recipe.plan.cli import released_size
+from recipe.tools.tiny_config import tiny_config
 
 from helpers.launch import REPO, torchrun
 

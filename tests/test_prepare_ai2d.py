@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from recipe.prepare_ai2d import REASONS, main, prepare
+from recipe.data.internvl import REASONS
+from recipe.prepare_ai2d import main, prepare
 from recipe.tools.make_synthetic_ai2d import make_synthetic_ai2d
 
 from helpers.launch import REPO
@@ -385,7 +386,7 @@ def test_overlong_lines_are_reported_without_being_read(tmp_path, root):
 
 
 def test_an_unexpected_error_converting_one_record_is_reported(tmp_path, root, monkeypatch):
-    import recipe.prepare_ai2d as mod
+    import recipe.data.internvl as mod
 
     def boom(path, max_pixels=None):
         if path.endswith("a.png"):

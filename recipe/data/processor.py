@@ -26,9 +26,10 @@ from typing import Literal, Optional, Sequence
 import torch
 from PIL import Image
 
-from recipe.config import ProcessorConfig, VL2Config
+from recipe.config import VL2Config
 from recipe.data.conversation import ASSISTANT, USER, ConversationError, format_sft_prompt, format_user_turn, role_kind
 from recipe.data.image_io import to_rgb
+from recipe.data.processor_config import ProcessorConfig
 from recipe.data.tiling import ImageTiler
 from recipe.data.tokenizer import TextTokenizer, add_processor_tokens
 

@@ -18,8 +18,10 @@ from torch import nn
 
 from recipe.checkpoint.files import atomic_output_dir
 from recipe.checkpoint.hf import SINGLE_NAME, parse_size
-from recipe.config import TINY_LIKE, ProcessorConfig, _tile_candidates, tiny_config
+from recipe.config import _tile_candidates
+from recipe.data.processor_config import ProcessorConfig
 from recipe.model import DeepseekVLV2ForCausalLM
+from recipe.tools.tiny_config import TINY_LIKE, tiny_config
 from recipe.tools.tiny_tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -31,10 +31,10 @@ def main() -> None:
 
     import deepspeed
 
-    from recipe.config import tiny_config
     from recipe.parallel.dist import init_distributed
     from recipe.parallel.pipeline import VL2Pipeline, freeze, pipe_batch
     from recipe.tools.synthetic_batches import collate, synthetic_samples
+    from recipe.tools.tiny_config import tiny_config
 
     if os.environ.get("ENGINE_MEMORY_DUMP_AFTER"):  # debugging a hang: print every thread's stack, then exit
         import faulthandler
