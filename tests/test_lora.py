@@ -168,3 +168,33 @@ def test_lora_pipeline_run_resume_and_export(tiny_ckpt, tmp_path):
 
         peft_model = PeftModel.from_pretrained(DeepseekVLV2ForCausalLM.from_pretrained(ckpt).eval(), str(adapter))
         torch.testing.assert_close(peft_model(**batch).logits, want_logits, rtol=RTOL, atol=1e-5)
+
+
+def test_planner_counts_the_adapters_and_fits_base_lora_on_one_host(tiny_ckpt):
+    """The planner's adapter count equals a real model's LoRA parameters, split between dense and expert ones as
+    the ranks hold them; the shipped base LoRA config fits 8 x 64 GB devices with adapter-only optimizer state."""
+    from recipe.config import VL2Config
+    from recipe.plan import plan
+    from recipe.plan.cli import resolve_model
+
+    ckpt = tiny_ckpt(like="base", image_size=42)
+    cfg = VL2Config.from_json(ckpt)
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
+          "recipe": {"pipeline_stages": 2, "expert_parallel_size": 2, "max_seq_len": 256,
+                     "lora": {"rank": 4, "target_modules": ALL_TARGETS}}}
+    p = plan(cfg, ds, world_size=4)
+    model = DeepseekVLV2ForCausalLM.from_pretrained(ckpt)
+    apply_lora(model, LoraConfig(rank=4, target_modules=ALL_TARGETS), seed=0)
+    want = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    experts = sum(q.numel() for n, q in model.named_parameters() if q.requires_grad and ".experts." in n)
+    assert p.lora_params == p.trainable_params == want
+    assert sum(s.dense_trainable for s in p.stages) == want - experts
+    assert sum(s.expert_trainable_rank for s in p.stages) * 2 == experts
+    assert all(s.lp_grad_bytes == 2 * (s.dense_trainable + s.expert_trainable_rank) for s in p.stages)
+
+    name, base = resolve_model("base")
+    shipped = json.load(open(os.path.join(REPO, "ds_configs", "lora_base_1x8.json")))
+    p = plan(base, shipped, model_name=name)
+    assert p.topology.world_size == 8 and 20e6 < p.lora_params == p.trainable_params < 25e6
+    assert all(s.fits and s.peak_bytes < 24 * 1024 ** 3 for s in p.stages)

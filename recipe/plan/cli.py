@@ -72,6 +72,11 @@ def format_plan(p: Plan, released: Optional[str] = None) -> str:
     out.append(f"- parameters {p.total_params:,} (dense {p.dense_params:,}, routed experts {p.expert_params:,}, "
                f"buffers {p.buffer_params:,}); trainable {p.trainable_params:,}; activated per text token "
                f"{p.activated_params_per_token:,}")
+    if t.lora is not None:
+        lora = t.lora
+        out.append(f"- LoRA rank {lora.get('rank', 8)}, alpha {lora.get('alpha', 16):g}: {p.lora_params:,} adapter "
+                   f"parameters train (fp32 master + optimizer state for them only); the base is frozen bf16 weights "
+                   f"without gradients or optimizer state")
     out.append("")
     out.append(f"Per rank (every rank of a stage holds the same), GiB; device {p.device_memory_gb:g} GiB, usable "
                f"{p.usable_fraction:.0%}:")

@@ -37,6 +37,7 @@ class Topology:
     seq_len: int
     activation_checkpointing: bool
     freeze: dict
+    lora: Optional[dict]            # the recipe.lora block (None: full fine-tuning)
     optimizer: str                  # BF16_Optimizer | DeepSpeedZeroOptimizer (approximate) | ...
     grad_accum_bytes: int
     comm_bytes: int                 # bytes per element of the gradient all-reduce
@@ -92,7 +93,7 @@ def topology(cfg: VL2Config, ds: dict, world_size: Optional[int] = None, seq_len
                     decoder_split=list(run.decoder_split), parts=list(run.parts),
                     seq_len=int(seq_len or rc.get("max_seq_len") or lc.max_position_embeddings),
                     activation_checkpointing=bool(rc.get("activation_checkpointing", False)), freeze=freeze,
-                    optimizer=opt_name, grad_accum_bytes=accum, comm_bytes=comm, optimizer_state_bytes=state_bytes)
+                    lora=rc.get("lora"), optimizer=opt_name, grad_accum_bytes=accum, comm_bytes=comm, optimizer_state_bytes=state_bytes)
 
 
 # =================================================================================================================
@@ -165,9 +166,10 @@ def stage_plan(cfg: VL2Config, infos: Sequence[LayerInfo], topo: Topology, stage
     expert_tr_rank = (expert_stage - sum(info.expert_frozen for info in layers)) // ep
     buffers = sum(info.buffers for info in layers)
     local_tensors = []
-    for info in layers:
+    for info in layers:  # expert_tensor_numels: one expert's trainable tensors (all of them, or its adapters)
         if info.expert and info.expert_frozen < info.expert:
-            local_tensors += info.expert_tensor_numels * (info.expert // sum(info.expert_tensor_numels) // ep)
+            trained = info.expert - info.expert_frozen
+            local_tensors += info.expert_tensor_numels * (trained // sum(info.expert_tensor_numels) // ep)
     groups = [(dense_tr, dp)] if dense_tr else []
     groups += [(n, edp) for n in _expert_groups(local_tensors)]
     padded = [(_padded(n, g), g) for n, g in groups]
@@ -231,3 +233,27 @@ def moe_on_every_stage(stages: Sequence[StagePlan], lc) -> bool:
     """Whether every stage joins DeepSpeed's expert collectives (a stage without MoE layers hangs the step)."""
     return not lc.is_moe or len(stages) == 1 or all(s.moe_layers for s in stages)
 
+
+
+def add_lora(cfg: VL2Config, infos: Sequence[LayerInfo], lora: dict) -> int:
+    """A LoRA run's parameters: every base tensor frozen (bf16 weights, no gradient, no optimizer state) and the
+    adapters of ``lora`` (a ``recipe.lora`` block) added as the trainable ones, to the layer holding their module;
+    expert adapters go with their experts (sharded by EP, in the MoE optimizer groups). Returns the adapter count."""
+    from recipe.lora.config import LoraConfig
+    from recipe.lora.inject import adapter_numels
+
+    for info in infos:
+        info.dense_frozen, info.expert_frozen = info.dense, info.expert
+        info.expert_tensor_numels = []
+    total, first_expert = 0, {}
+    for module, (a, b) in adapter_numels(cfg, LoraConfig.from_dict(lora)).items():
+        info = infos[layout.layer_index_of(cfg, module + ".weight")]
+        parsed = layout.parse_expert_key(module + ".weight")
+        if parsed is None:
+            info.dense += a + b
+        else:
+            info.expert += a + b
+            if first_expert.setdefault(info.index, parsed[1]) == parsed[1]:
+                info.expert_tensor_numels += [a, b]
+        total += a + b
+    return total

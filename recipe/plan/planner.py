@@ -16,7 +16,7 @@ from recipe.parallel.cost import (
     layer_infos,
     packed_workload,
 )
-from recipe.plan.memory import GiB, Topology, moe_on_every_stage, stage_plan, topology
+from recipe.plan.memory import GiB, Topology, add_lora, moe_on_every_stage, stage_plan, topology
 from recipe.plan.suggest import suggest_layouts
 
 # Atlas 800T A2 (Ascend 910B, 64 GB HBM) dense fp16/bf16 peak per NPU: 354 TFLOPS, the figure verl's MFU counter uses
@@ -72,6 +72,7 @@ class Plan:
     samples_per_step: float = 0.0   # global batch rows x samples per row
     reference_flops_per_sample: float = 0.0   # forward, the original recipe's sample (padded to seq_len, 10 views)
     reference_real_mfu: float = 0.0  # the original's samples/s counted on the planned workload's real samples
+    lora_params: int = 0            # LoRA: adapter parameters (the only trainable ones), 0 for full fine-tuning
 
 
 def plan(cfg: VL2Config, ds_config: dict, *, model_name: str = "", ds_name: str = "",
@@ -109,6 +110,7 @@ def plan(cfg: VL2Config, ds_config: dict, *, model_name: str = "", ds_name: str 
     else:
         mem_work = work = Workload(topo.micro_batch, topo.seq_len, views or 10, moe_padding)
     infos = layer_infos(cfg, mem_work, topo.freeze)
+    lora_params = add_lora(cfg, infos, topo.lora) if topo.lora is not None else 0
     if work is not mem_work:  # memory for the fullest row, FLOPs (stage balance, step time) for the average one
         for info, average in zip(infos, layer_infos(cfg, work, topo.freeze)):
             info.flops = average.flops
@@ -164,4 +166,5 @@ def plan(cfg: VL2Config, ds_config: dict, *, model_name: str = "", ds_name: str 
         samples_per_s=sps, tokens_per_s=sps * work.segment_tokens, reference_sps=reference_sps, reference_mfu=ref_mfu,
         warnings=warnings, suggestions=suggestions, packing=packing, samples_per_row=work.samples_per_row,
         sample_tokens=work.segment_tokens, samples_per_step=topo.train_batch * work.samples_per_row,
-        reference_flops_per_sample=ref_flops, reference_real_mfu=reference_sps * train / (peak * topo.world_size))
+        reference_flops_per_sample=ref_flops, reference_real_mfu=reference_sps * train / (peak * topo.world_size),
+        lora_params=lora_params)
