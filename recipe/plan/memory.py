@@ -93,7 +93,8 @@ def topology(cfg: VL2Config, ds: dict, world_size: Optional[int] = None, seq_len
                     decoder_split=list(run.decoder_split), parts=list(run.parts),
                     seq_len=int(seq_len or rc.get("max_seq_len") or lc.max_position_embeddings),
                     activation_checkpointing=bool(rc.get("activation_checkpointing", False)), freeze=freeze,
-                    lora=rc.get("lora"), optimizer=opt_name, grad_accum_bytes=accum, comm_bytes=comm, optimizer_state_bytes=state_bytes)
+                    lora=rc.get("lora"), optimizer=opt_name, grad_accum_bytes=accum, comm_bytes=comm,
+                    optimizer_state_bytes=state_bytes)
 
 
 # =================================================================================================================
