@@ -5,8 +5,9 @@ the exact-split path against DeepSpeed's capacity path on the same batches, at E
     DS_ACCELERATOR=cuda python bench/moe_block.py --dtype bf16      # GPUs: grouped GEMMs on Hopper
 
 Paths (same router, experts, tokens and routes; the shared experts are left out, they are the same dense MLP):
-  exact     ExactSplitMOELayer: sort routes by expert, all_to_all_single with exact splits, grouped GEMMs, reverse
-            exchange, fp32 combine (recipe/parallel/experts.py, dispatch.py, recipe/model/moe.py)
+  exact     ExactSplitMOELayer: sort routes by expert, each token sent once per destination rank with
+            all_to_all_single over exact splits and expanded to its routes there, grouped GEMMs, fp32 weighted sums
+            per token and rank sent back (recipe/parallel/experts.py, dispatch.py, recipe/model/moe.py)
   capacity  DeepSpeed 0.19's MOELayer with our gate: an [E, C, D] buffer with C = the largest expert load of the
             EP group, even all-to-alls, DeepSpeed's per-expert loop, fp32 combine
   previous  EP=1 only: the single-device dispatcher before the exact path (sort, per-expert nn.Linear calls,
@@ -17,7 +18,8 @@ e_score_correction_bias over the experts, so a few experts take most routes (the
 Each path runs as its phases one after another, every phase on detached copies of its inputs, so forward and
 backward of each phase are timed on their own: route (router, balance loss, counts; capacity: slot locations and
 the capacity all-reduce), permute (tokens into expert order; capacity: into the [E, C, D] buffer), exchange (both
-all-to-alls, the counts exchange and the regrouping by local expert), experts (the expert FFNs: grouped GEMMs, or
+all-to-alls, the counts exchange, the expansion to routes grouped by local expert, and on the way back the
+weighted sum per received row), experts (the expert FFNs: grouped GEMMs, or
 DeepSpeed's loop), combine (back to tokens, weighted sum). "block" is the whole layer run end to end (forward +
 backward) for comparison with the sum of the phases. dispatch = everything but experts, as a share of the phases'
 sum. pad = rows the experts compute / routes (capacity: E * C * P / routes of the EP group). TFLOP/s = useful
@@ -76,7 +78,7 @@ def previous_dispatch_local(x_SD, topk_idx_SK, topk_weight_SK, experts):
 # needs (orders, split sizes) travels in the closure's dict.
 
 def exact_phases(layer, used, ep_size, group):
-    from recipe.model.moe import grouped_experts, unpermute_combine
+    from recipe.model.moe import grouped_experts, permute_routes, sort_routes, unpermute_combine
     from recipe.parallel.dispatch import AllToAllDispatcher
 
     gate, experts, E = layer.gate, layer.experts.deepspeed_experts, layer.gate.num_experts
@@ -89,30 +91,39 @@ def exact_phases(layer, used, ep_size, group):
         return routing.topk_weight, l_aux
 
     def permute(x):
-        x_ND, st["order"] = disp.permute(x, st["idx"])
-        st["tokens"] = st["order"].counts_E
-        return (x_ND,)
+        st["dtype"] = x.dtype
+        if ep_size == 1:  # the single-device dispatcher: a permutation by expert
+            st["order"] = sort_routes(st["idx"], E)
+            st["tokens"] = st["order"].counts_E
+            return (permute_routes(x, st["order"]),)
+        x_UD, *st["sent"] = disp.permute(x, st["idx"])
+        return (x_UD,)
 
-    def exchange(x_ND):
-        x_MD, st["tokens"], st["handle"] = disp.exchange(x_ND, st["order"])
-        return (disp.regroup(x_MD, st["handle"]),)
+    def exchange(x_UD):
+        x_MD, st["tokens"], st["handle"] = disp.exchange(x_UD, *st["sent"])
+        return (x_MD,)
 
     def run_experts(x_grouped):
         return (grouped_experts(x_grouped, st["tokens"], experts),)
 
-    def exchange_back(y_grouped):
-        return (disp.exchange_back(disp.ungroup(y_grouped, st["handle"]), st["handle"]),)
+    def exchange_back(y_grouped, w):
+        return (disp.exchange_back(disp.weigh(y_grouped, w, st["handle"]), st["handle"]),)
 
-    def combine(y_ND, w):
-        return (unpermute_combine(y_ND, w, st["order"]),)
+    def combine(y, w=None):
+        if ep_size == 1:
+            return (unpermute_combine(y, w, st["order"]),)
+        S, D = st["idx"].shape[0], y.shape[1]
+        return (y.new_zeros(S, D).index_add(0, st["handle"].token_U, y).to(st["dtype"]),)
 
     phases = [("route", route, ["x"], ["w", "aux"]), ("permute", permute, ["x"], ["x_ND"])]
     if ep_size > 1:
         phases.append(("exchange", exchange, ["x_ND"], ["x_grouped"]))
     phases.append(("experts", run_experts, ["x_grouped" if ep_size > 1 else "x_ND"], ["y_grouped"]))
     if ep_size > 1:
-        phases.append(("exchange", exchange_back, ["y_grouped"], ["y_ND"]))
-    phases.append(("combine", combine, ["y_ND" if ep_size > 1 else "y_grouped", "w"], ["y"]))
+        phases.append(("exchange", exchange_back, ["y_grouped", "w"], ["y_ND"]))
+        phases.append(("combine", combine, ["y_ND"], ["y"]))
+    else:
+        phases.append(("combine", combine, ["y_grouped", "w"], ["y"]))
     return phases, st
 
 
