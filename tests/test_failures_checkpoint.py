@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from recipe.checkpoint import CheckpointError
+from recipe.checkpoint.commit import COMPLETE_NAME, complete_tags, resolve_tag, trim_log, verify_complete
 from recipe.checkpoint.files import file_sha256, load_torch, resolve_inside
-from recipe.checkpoint.training import COMPLETE_NAME, complete_tags, resolve_tag, trim_log, verify_complete
 
 from helpers.launch import BIN, cpu_env, free_port, run_logged, tail
 from helpers.runs import write_config

@@ -1,4 +1,4 @@
-"""The DeepSpeed side of the training-checkpoint protocol (:mod:`recipe.checkpoint.training`): a checkpoint engine
+"""The DeepSpeed side of the training-checkpoint protocol (:mod:`recipe.checkpoint.commit`): a checkpoint engine
 that hashes what it writes and verifies what it reads, the collective save, and the resume.
 
 DeepSpeed 0.19 reads and writes every file of a pipeline + MoE checkpoint through ``engine.checkpoint_engine``
@@ -17,8 +17,8 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from recipe.checkpoint import CheckpointError
+from recipe.checkpoint.commit import COMPLETE_NAME, failpoint, load_extra, resolve_tag, verify_complete, write_record
 from recipe.checkpoint.files import HashingWriter, atomic_write_text, file_sha256, load_torch, resolve_inside
-from recipe.checkpoint.training import COMPLETE_NAME, failpoint, load_extra, resolve_tag, verify_complete, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def save(engine, save_dir: str, tag: str, client_state: dict, rank_files: dict,
 
 
 def resume(engine, save_dir: str, mode: Optional[str], rank_file: Optional[str] = None):
-    """Resolve and verify the tag ``mode`` names (see :func:`recipe.checkpoint.training.resolve_tag`), load it into
+    """Resolve and verify the tag ``mode`` names (see :func:`recipe.checkpoint.commit.resolve_tag`), load it into
     ``engine`` with every file checked, and return ``(tag, client_state, this rank's extra file or None)``;
     ``(None, None, None)`` for a fresh start. Every rank runs the same checks before DeepSpeed's first collective,
     so a damaged checkpoint stops every rank with the same message."""
