@@ -98,7 +98,8 @@ def main():
     again = [step(i) for i in range(1, a.steps)]
     same_adapters = all(torch.equal(trained[n], q) for n, q in adapters().items())
     named = dict(module.named_parameters())
-    base_moved = sum(not torch.equal(named[n].detach().float(), v.float()) for n, v in base.items())
+    # bf16 runs: the engine cast the base to bf16 once at start; it must not move after that
+    base_moved = sum(not torch.equal(named[n].detach(), v.to(named[n].dtype)) for n, v in base.items())
     flags = torch.tensor([float(same_adapters), float(base_moved), float(len(trainable)),
                           float(all(".lora_" in n for n in trainable)),
                           float(all(t[0] is False and t[1] is not None for t in expert_tags)), float(len(expert_tags)),
