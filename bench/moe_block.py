@@ -107,13 +107,13 @@ def exact_phases(layer, used, ep_size, group):
         return (grouped_experts(x_grouped, st["tokens"], experts),)
 
     def exchange_back(y_grouped, w):
-        return (disp.exchange_back(disp.weigh(y_grouped, w, st["handle"]), st["handle"]),)
+        return (disp.exchange_back(disp.weigh(y_grouped, w, st["handle"]).to(y_grouped.dtype), st["handle"]),)
 
     def combine(y, w=None):
         if ep_size == 1:
             return (unpermute_combine(y, w, st["order"]),)
         S, D = st["idx"].shape[0], y.shape[1]
-        return (y.new_zeros(S, D).index_add(0, st["handle"].token_U, y).to(st["dtype"]),)
+        return (y.new_zeros(S, D, dtype=torch.float32).index_add(0, st["handle"].token_U, y.float()).to(st["dtype"]),)
 
     phases = [("route", route, ["x"], ["w", "aux"]), ("permute", permute, ["x"], ["x_ND"])]
     if ep_size > 1:

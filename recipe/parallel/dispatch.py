@@ -13,7 +13,8 @@ experts ~4.5 ranks: 0.75 of them); the expert GEMM rows are the routes' count wh
                all_to_all_single of the rows, and of each route's row index, with the exact split sizes   [R, D]
                expand the received rows to one per route, grouped by local expert for the grouped GEMM    [M, D]
     combine:   the gate weights follow their routes (all_to_all_single); each received row's routes, weighted,
-               summed in fp32 [R, D]; the reverse all_to_all_single [U, D]; each token's partial sums added [S, D]
+               summed in fp32 [R, D]; the reverse all_to_all_single in the experts' dtype [U, D]; each token's
+               partial sums added in fp32 [S, D]
 
 The counts are read on the host once per call (split sizes must be Python ints); everything else stays on the
 device. Autograd: the backward of an exchange is the reverse exchange (:class:`AllToAllSingle`), of an expansion
@@ -145,7 +146,7 @@ class AllToAllDispatcher(TokenDispatcher):
         return weighted_MD.new_zeros(R, y_MD.shape[1]).index_add(0, handle.row_of_route_M, weighted_MD)
 
     def exchange_back(self, partial_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        """The per-row partial sums back to the ranks that sent the rows: [U, D] float32."""
+        """The per-row partial sums back to the ranks that sent the rows: [U, D]."""
         send_rows, recv_rows = handle.row_splits
         return AllToAllSingle.apply(partial_RD, send_rows, recv_rows, self.group)
 
@@ -153,6 +154,9 @@ class AllToAllDispatcher(TokenDispatcher):
         return self.exchange(*self.permute(x_SD, topk_idx_SK))
 
     def combine(self, y_MD: torch.Tensor, topk_weight_SK: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        partial_UD = self.exchange_back(self.weigh(y_MD, topk_weight_SK, handle), handle)
+        # the partial sums travel in the experts' dtype (bf16 in training: as many bytes per row as one route's
+        # output, not twice); the sum over ranks is fp32 again
+        partial_UD = self.exchange_back(self.weigh(y_MD, topk_weight_SK, handle).to(y_MD.dtype), handle)
         S, D = topk_weight_SK.shape[0], y_MD.shape[1]
-        return partial_UD.new_zeros(S, D).index_add(0, handle.token_U, partial_UD).to(y_MD.dtype)
+        return partial_UD.new_zeros(S, D, dtype=torch.float32).index_add(
+            0, handle.token_U, partial_UD.float()).to(y_MD.dtype)
