@@ -7,9 +7,10 @@ Policies, each on micro-batch 1 x accumulation 2 x data-parallel 2 (4 rows per o
   (a) original  every sample alone in a row padded to --seq-len (the original recipe's 4096 at micro-batch 1)
   (b) bucketed  every sample alone in a row padded to a multiple of 256 (seq_bucket before packing)
   (c) packed    recipe.data.packing: first-fit-decreasing rows of <= --seq-len tokens and <= 20 tiles (the default),
-                attention with the [T, T] segment mask (the CPU path)
-  (c') packed_varlen  the same rows, attention per segment (RECIPE_ATTENTION=varlen: on CPU the per-segment SDPA
-                reference, which does the work a GPU/NPU varlen kernel does)
+                attention within each segment (the default varlen path: on CPU the per-segment SDPA, which does the
+                work a GPU/NPU varlen kernel does)
+  (c') packed_masked  the same rows, attention with the [T, T] segment mask (RECIPE_ATTENTION=dense, the reference:
+                it computes every score of the row)
 The samples of (a) and (b) are exactly those the packed steps hold, in the same order, 4 per step; every policy
 also runs one unmeasured warm-up step first. All three run in one 4-rank job on one engine, their steps
 interleaved, so a shared machine's changing load affects them alike. Printed per policy: executed tokens per
@@ -24,9 +25,7 @@ template and a one-letter answer: 500-2,200 tokens per sample, as ai2d's samples
 and pixel values (the cost of a step does not depend on them).
 
 The model is bench/train_step.py's VL2-shaped one (hidden 256, 4 decoder layers with 16 experts top-4, ViT 4 x 128
-on 384-px tiles), at full sequence length. On CPU, attention over a packed row uses the dense masked SDPA by
-default (the CPU path): it computes the whole row's T x T scores; packed_varlen shows what attention within each
-segment costs instead.
+on 384-px tiles), at full sequence length.
 
 --gpu: a VL2-small-shaped model (small's widths: hidden 2048, MLA, 64 experts top-6, the full 27-layer SigLIP; a
 few decoder layers, --decoder-layers) trained one step at a time in bf16 on one device, packed rows with the varlen
@@ -44,12 +43,10 @@ import time
 
 import numpy as np
 import torch
-from driver import bench_config, pp2_ep2_engine, run_ranks, timed_train_batch  # bench/driver.py
+from driver import REPO, bench_config, pp2_ep2_engine, run_ranks, timed_train_batch  # bench/driver.py
 from processor import COUNT_MIX, SIZE_MIX  # bench/processor.py: the ai2d-like image mix
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-POLICIES = ("original", "bucketed", "packed", "packed_varlen")
+POLICIES = ("original", "bucketed", "packed", "packed_masked")
 DP, GAS, MBS = 2, 2, 1
 ROWS_PER_STEP = DP * GAS * MBS
 BUCKET = 256
@@ -135,7 +132,7 @@ def plan_steps(specs: list, steps: int, seq_len: int) -> dict:
     warm = [i for row in packed[0] for i in row][:ROWS_PER_STEP]
     singles = [warm] + [measured[k:k + ROWS_PER_STEP] for k in range(0, len(measured), ROWS_PER_STEP)]
     singles = [[[i] for i in step] for step in singles if len(step) == ROWS_PER_STEP]
-    return {"original": singles, "bucketed": singles, "packed": packed, "packed_varlen": packed}
+    return {"original": singles, "bucketed": singles, "packed": packed, "packed_masked": packed}
 
 
 # --- one policy on 4 ranks -------------------------------------------------------------------------------------------
@@ -161,8 +158,8 @@ def run_policies(policies: list, steps: int, seq_len: int, samples: int, out: st
     for policy, k in order:
         step = plans[policy][k]
         pad = {"original": seq_len, "bucketed": BUCKET}.get(policy)
-        if policy == "packed_varlen":
-            os.environ["RECIPE_ATTENTION"] = "varlen"
+        if policy == "packed_masked":
+            os.environ["RECIPE_ATTENTION"] = "dense"
         else:
             os.environ.pop("RECIPE_ATTENTION", None)
         micro = []
@@ -203,8 +200,8 @@ def run_single(policies: list, steps: int, seq_len: int, samples: int) -> dict:
     for policy, k in order:
         step = plans[policy][k]
         pad = {"original": seq_len, "bucketed": BUCKET}.get(policy)
-        if policy == "packed_varlen":
-            os.environ["RECIPE_ATTENTION"] = "varlen"
+        if policy == "packed_masked":
+            os.environ["RECIPE_ATTENTION"] = "dense"
         else:
             os.environ.pop("RECIPE_ATTENTION", None)
         rows = [[materialise(specs[i], cfg) for i in row] for row in step]
@@ -232,7 +229,7 @@ def print_table(title: str, results: list) -> None:
               f"{r['executed_per_sample']:12.0f} {r['real_fraction']:9.3f} {r['samples_per_s']:9.3f} "
               f"{r['tokens_per_s']:10.0f} {r['step_s']:7.2f}")
     by = {r["policy"]: r for r in results}
-    for mine in ("packed", "packed_varlen"):
+    for mine in ("packed", "packed_masked"):
         for other in ("original", "bucketed"):
             if mine in by and other in by:
                 print(f"{mine} / {other}: {by[mine]['samples_per_s'] / by[other]['samples_per_s']:.2f}x samples/s")
