@@ -14,6 +14,7 @@ import time
 
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PP2_EP2 = {"pipeline_stages": 2, "expert_parallel_size": 2, "decoder_split": [2, 2]}
 
 
@@ -51,8 +52,9 @@ def timed_train_batch(engine, run, micro: list, counters=()) -> tuple[float, lis
     import torch.distributed as dist
 
     from recipe.parallel.pipeline import pipe_batch
+    from recipe.tools.synthetic_batches import label_count
 
-    labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    labels = sum(label_count(b) for b in micro)
     totals = torch.tensor([float(labels), *map(float, counters)], dtype=torch.float64)
     dist.all_reduce(totals, group=engine.mpu.get_data_parallel_group())
     dist.barrier()
