@@ -9,7 +9,8 @@ DeepSpeed's pipeline engine that trains, saves, resumes and exports.
   single-process LoRA reference (fp32, 1e-5) step after step; resume from step 1 repeats step 2 bit for bit;
   only adapters train and only they are in the optimizer; expert adapters carry DeepSpeed's expert tags;
   ds_to_hf --merge-lora equals base + B@A*scale bit for bit in fp32 and the merged model gives the trained model's
-  logits; the PEFT adapter directory applied by peft itself gives them too; wrong export options fail clearly.
+  logits, as do the PEFT adapter directory applied by peft itself and recipe.evaluate's loader reading the training
+  checkpoint; wrong export options fail clearly.
 """
 
 import json
@@ -106,6 +107,7 @@ def test_lora_pipeline_run_resume_and_export(tiny_ckpt, tmp_path):
     from converters.ds_to_hf import main as ds_to_hf
     from recipe.checkpoint.hf import iter_tensors, load_weight_map
     from recipe.checkpoint.training import read_training_checkpoint
+    from recipe.eval.loading import load_for_inference
     from recipe.lora.adapter import load_adapter
 
     from helpers.reference import reference_run
@@ -168,6 +170,9 @@ def test_lora_pipeline_run_resume_and_export(tiny_ckpt, tmp_path):
 
         peft_model = PeftModel.from_pretrained(DeepseekVLV2ForCausalLM.from_pretrained(ckpt).eval(), str(adapter))
         torch.testing.assert_close(peft_model(**batch).logits, want_logits, rtol=RTOL, atol=1e-5)
+        # inference straight from the training checkpoint merges the adapters too (never the bare base)
+        loaded = load_for_inference(str(save_dir), dtype=torch.float32, device="cpu").model
+        torch.testing.assert_close(loaded(**batch).logits, want_logits, rtol=RTOL, atol=1e-5)
 
 
 def test_planner_counts_the_adapters_and_fits_base_lora_on_one_host(tiny_ckpt):

@@ -24,7 +24,6 @@ from recipe.config import VL2Config
 from recipe.lora.adapter import write_adapter
 from recipe.lora.config import lora_module_of
 from recipe.model import state_shapes
-from recipe.model.lora import merged_weight
 from recipe.parallel import layout
 
 logger = logging.getLogger(__name__)
@@ -162,26 +161,13 @@ def _lora_outputs(ckpt, stream, merge: bool, adapter_out: Optional[str], dtype: 
                               f"{modules[0]}); its base weights alone are not the trained model. Pass --merge-lora "
                               f"for a full merged checkpoint and/or --lora-adapter-out DIR for a PEFT adapter")
     cfg = ckpt.lora_config()
-    tensors = ckpt.lora_tensors()
-    missing = [m for m in modules if m + ".weight" not in ckpt.refs]
-    if missing:
-        raise CheckpointError(f"{ckpt.tag_dir}: LoRA tensors for {missing[:3]}, which have no base weight")
     if adapter_out is not None:
+        tensors = ckpt.lora_tensors()
         write_adapter(adapter_out, cfg, {k: cast_floating(t, dtype) for k, t in tensors.items()}, overwrite)
         logger.info("wrote the PEFT adapter of %d modules (rank %d, alpha %g) to %s", len(modules), cfg.rank,
                     cfg.alpha, adapter_out)
     if not merge:
         return stream
-    lora = {m: (tensors[m + ".lora_A.weight"], tensors[m + ".lora_B.weight"]) for m in modules}
-
-    def merged():
-        for name, t in stream:
-            module = name[:-len(".weight")] if name.endswith(".weight") else None
-            if module in lora:
-                a, b = lora[module]
-                yield name, merged_weight(t, a, b, cfg.scale)
-            else:
-                yield name, t
     logger.info("merging LoRA (rank %d, alpha %g, scale %g) into %d weights", cfg.rank, cfg.alpha, cfg.scale,
                 len(modules))
-    return merged()
+    return ckpt.iter_merged()

@@ -31,8 +31,9 @@ from recipe.checkpoint.commit import (  # noqa: F401  (failpoint, resolve_tag, t
 from recipe.checkpoint.files import load_torch, resolve_inside
 from recipe.checkpoint.validate import check_against_config
 from recipe.config import ConfigError, VL2Config
-from recipe.lora.config import LoraConfig, is_lora_key
+from recipe.lora.config import LoraConfig, is_lora_key, lora_module_of
 from recipe.model import state_shapes
+from recipe.model.lora import merged_weight
 from recipe.parallel import layout
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,28 @@ class TrainingCheckpoint:
             return LoraConfig.from_dict(block, f"{path}: recipe.lora")
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
+
+    def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Like iterating, with a LoRA run's adapters merged in: every adapted weight as ``W + (B @ A) * alpha / r``
+        computed in fp32 (callers cast it); a checkpoint without adapters gives its tensors as stored. What export
+        (``--merge-lora``) and inference read, so a LoRA checkpoint never passes for its base."""
+        if not self.lora_refs:
+            yield from self
+            return
+        cfg, tensors = self.lora_config(), self.lora_tensors()
+        modules = sorted({lora_module_of(k)[0] for k in tensors})
+        incomplete = [m for m in modules if m + ".lora_A.weight" not in tensors or m + ".lora_B.weight" not in tensors]
+        orphans = [m for m in modules if m + ".weight" not in self.refs]
+        if incomplete or orphans:
+            raise CheckpointError(f"{self.tag_dir}: LoRA tensors without their pair {incomplete[:3]} or without a base "
+                                  f"weight {orphans[:3]}")
+        for name, t in self:
+            module = name[:-len(".weight")] if name.endswith(".weight") else None
+            if module is not None and module + ".lora_A.weight" in tensors:
+                yield name, merged_weight(t, tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"],
+                                          cfg.scale)
+            else:
+                yield name, t
 
     def lora_tensors(self) -> dict:
         """Every LoRA tensor of the checkpoint by HF-style name (``<module>.lora_A.weight``), copied into memory

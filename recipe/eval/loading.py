@@ -93,6 +93,11 @@ def _tensor_stream(path: str, kind: str, tag: Optional[str], config_dir: Optiona
     side = ckpt.side_dir or config_dir
     if side is None:
         raise CheckpointError(f"{path}: pass --config-dir (where config.json and the tokenizer files are)")
+    if ckpt.lora_refs:  # a LoRA run: the trained model is the base with its adapters merged (fp32, cast back)
+        logger.info("%s: merging the LoRA adapters of %d tensors into their base weights", ckpt.tag_dir,
+                    len(ckpt.lora_refs))
+        stream = ((k, t.to(ckpt.refs[k].dtype)) for k, t in ckpt.iter_merged())
+        return ckpt.config, stream, side, ckpt.tag
     return ckpt.config, iter(ckpt), side, ckpt.tag
 
 
