@@ -80,26 +80,32 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> list[str]:
     return adapted
 
 
-def _meta_linears(model_cfg) -> dict:
-    """{checkpoint name: nn.Linear} of the plain model for a ``VL2Config``, built on the meta device (no memory, no
-    init)."""
-    import torch
+_LINEAR_SHAPES: dict = {}  # repr(VL2Config) -> {name: (in, out)}: a meta build of base takes seconds
 
-    from recipe.model import DeepseekVLV2ForCausalLM
 
-    with torch.device("meta"):
-        model = DeepseekVLV2ForCausalLM(model_cfg)
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+def _linear_shapes(model_cfg) -> dict:
+    """{checkpoint name: (in_features, out_features)} of every ``nn.Linear`` of the plain model for a ``VL2Config``,
+    from a model built on the meta device (no memory, no init); cached per config."""
+    key = repr(model_cfg)
+    if key not in _LINEAR_SHAPES:
+        import torch
+
+        from recipe.model import DeepseekVLV2ForCausalLM
+
+        with torch.device("meta"):
+            model = DeepseekVLV2ForCausalLM(model_cfg)
+        _LINEAR_SHAPES[key] = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+                               if isinstance(m, nn.Linear)}
+    return _LINEAR_SHAPES[key]
 
 
 def model_linear_names(model_cfg) -> list[str]:
     """Checkpoint names of every ``nn.Linear`` of the plain model: what ``LoraConfig.targets`` checks patterns
     against before any rank builds its layers."""
-    return list(_meta_linears(model_cfg))
+    return list(_linear_shapes(model_cfg))
 
 
 def adapter_numels(model_cfg, cfg: LoraConfig) -> dict:
     """{adapted module name: (A numel, B numel)} = (r x in, out x r) for the whole model (the planner's count)."""
-    linears = _meta_linears(model_cfg)
-    return {n: (cfg.rank * linears[n].in_features, linears[n].out_features * cfg.rank)
-            for n in cfg.targets(linears)}
+    shapes = _linear_shapes(model_cfg)
+    return {n: (cfg.rank * shapes[n][0], shapes[n][1] * cfg.rank) for n in cfg.targets(shapes)}
