@@ -17,8 +17,8 @@ import torch.nn.functional as F
 #   causal  one segment per row and right padding: plain causal attention (fused SDPA kernels run);
 #   dense   a [B, 1, T, T] boolean "may attend" mask (causal within equal segment ids): SDPA with a mask, the
 #           reference (``RECIPE_ATTENTION=dense``);
-#   varlen  packed rows (the default on every device): every row is cut into its runs of equal segment id (the samples, and
-#           the padding at the end as one more run) and the rows laid end to end as [B*T, H, d] ("TND"); a
+#   varlen  packed rows (the default on every device): every row is cut into its runs of equal segment id (the
+#           samples, and the padding at the end as one more run) and the rows laid end to end as [B*T, H, d] ("TND"); a
 #           variable-length causal kernel attends within each run: no [T, T] mask exists. cu_seqlens (the runs'
 #           cumulative lengths, [n + 1] int32) sits on the device for CUDA kernels and on the host for Ascend's,
 #           which take the lengths as a list; max_seqlen is host-side, so no layer syncs.
