@@ -203,3 +203,30 @@ def test_planner_counts_the_adapters_and_fits_base_lora_on_one_host(tiny_ckpt):
     p = plan(base, shipped, model_name=name)
     assert p.topology.world_size == 8 and 20e6 < p.lora_params == p.trainable_params < 25e6
     assert all(s.fits and s.peak_bytes < 24 * 1024 ** 3 for s in p.stages)
+
+
+def test_absorbed_mla_decoding_sees_an_adapter_on_kv_b_proj():
+    """Absorbed MLA decoding reads kv_b_proj's weight instead of calling the layer; with an adapter there it must
+    use W + scale * B @ A, so both decoding forms still agree."""
+    from recipe.model.attention import MultiHeadLatentAttention
+    from recipe.model.generation import KVCache
+    from recipe.tools.tiny_config import tiny_config
+
+    cfg = tiny_config("small").language_config
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(cfg).eval()
+    attn.kv_b_proj = LoraLinear.wrap(attn.kv_b_proj, rank=4, alpha=8.0, dropout=0.0, seed=0, name="kv_b_proj")
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # B too: the adapter changes the output
+    x = torch.randn(1, 6, cfg.hidden_size)
+    positions = torch.arange(6)[None]
+    outs = {}
+    for absorb in (True, False):
+        cache = KVCache(cfg, batch=1, capacity=6, absorb=absorb)
+        ys = []
+        for sl in (slice(0, 4), slice(4, 5), slice(5, 6)):
+            mask = cache.begin(sl.stop - sl.start, torch.ones(1, sl.stop - sl.start), x.device)
+            ys.append(attn(x[:, sl], positions[:, sl], mask, cache=cache.layers[0]))
+            cache.end()
+        outs[absorb] = torch.cat(ys, 1)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=0)

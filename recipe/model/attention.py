@@ -17,6 +17,7 @@ from torch import nn
 
 from recipe.config import LanguageConfig
 from recipe.model import ops
+from recipe.model.lora import effective_weight
 
 
 def build_attention_mask(segment_ids_BT: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -185,7 +186,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_BSr, k_rope_BSd = cache.update(self.kv_a_layernorm(c), k_rope)
         S = c_BSr.shape[1]
         if cache.absorbed:
-            w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
+            w_kv = effective_weight(self.kv_b_proj).view(H, dn + dv, r)  # a LoRA adapter on kv_b_proj counts too
             q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :dn])
             # one shared key/value head: fold the heads into the query rows ([B, 1, H*T, .], row h*T + t)
             q_f = torch.cat([q_latent, q_rope], dim=-1).reshape(B, 1, H * T, r + dr)

@@ -83,3 +83,11 @@ def grouped_lora_delta(x_NK: torch.Tensor, tokens_per_expert_G: torch.Tensor,
 def merged_weight(weight: torch.Tensor, a_rk: torch.Tensor, b_or: torch.Tensor, scale: float) -> torch.Tensor:
     """``W + (B @ A) * scale`` in fp32 (the merge of an adapter into its base weight), [out, in] fp32."""
     return weight.float() + (b_or.float() @ a_rk.float()) * scale
+
+
+def effective_weight(layer: nn.Linear) -> torch.Tensor:
+    """The [out, in] weight a linear layer applies (dropout aside): W, or for a :class:`LoraLinear`
+    ``W + scale * B @ A`` in W's dtype; for code that reads a layer's weight instead of calling it."""
+    if isinstance(layer, LoraLinear):
+        return (layer.weight + (layer.lora_B.weight @ layer.lora_A.weight) * layer.scale).to(layer.weight.dtype)
+    return layer.weight
