@@ -8,6 +8,10 @@ multiple-choice question whose answer can be read off its picture (the colour of
 the shape with a given label, the label of a colour) in the ai2d prompt style ("...Answer with the option's
 letter from the given choices directly." -> "C"). About 20% have a second question on the same image, 5% are
 text-only and 5% compare two images. Everything is a function of the seed.
+
+``--facts`` also writes DIR/ai2d_facts.jsonl: per record its id and, per image, the drawn items in label order
+(``{"shape", "colour", "label"}``), so more questions can be asked about the same pictures (``bench/learning.py``).
+It draws nothing from the random generator: the images and ai2d_train.jsonl are the same with or without it.
 """
 
 from __future__ import annotations
@@ -105,16 +109,19 @@ def ask(rng: random.Random, items: list) -> tuple[str, str]:
                             [c for c in "ABCDEFG" if c != it["label"]])
 
 
-def make_synthetic_ai2d(out: str, num: int = 400, seed: int = 0) -> str:
-    """Write the dataset; returns the jsonl path."""
+def make_synthetic_ai2d(out: str, num: int = 400, seed: int = 0, facts: bool = False) -> str:
+    """Write the dataset; returns the jsonl path. ``facts``: also write ai2d_facts.jsonl (the drawn items)."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     jsonl = os.path.join(out, "ai2d_train.jsonl")
     tmp = jsonl + ".tmp"
+    facts_path = os.path.join(out, "ai2d_facts.jsonl")
+    facts_file = open(facts_path + ".tmp", "w", encoding="utf-8") if facts else None
     with open(tmp, "w", encoding="utf-8") as f:
         for i in range(num):
             kind = rng.random()
             rec = {"id": f"synth-{seed}-{i:06d}"}
+            drawn = []
             if kind < 0.05:  # text-only
                 a, b = rng.randint(1, 9), rng.randint(1, 9)
                 q, ans = _choice_question(rng, f"What is {a} + {b}?", str(a + b),
@@ -122,9 +129,10 @@ def make_synthetic_ai2d(out: str, num: int = 400, seed: int = 0) -> str:
                 rec["conversations"] = [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
             elif kind < 0.10:  # two images
                 paths = [f"images/{i:06d}_{k}.png" for k in (1, 2)]
-                counts = [len(make_diagram(rng, os.path.join(out, p))) for p in paths]
-                while counts[0] == counts[1]:
-                    counts[1] = len(make_diagram(rng, os.path.join(out, paths[1])))
+                drawn = [make_diagram(rng, os.path.join(out, p)) for p in paths]
+                while len(drawn[0]) == len(drawn[1]):
+                    drawn[1] = make_diagram(rng, os.path.join(out, paths[1]))
+                counts = [len(d) for d in drawn]
                 q = ("Image-1: <image>\nImage-2: <image>\nWhich image shows more shapes?\nA. Image-1\nB. Image-2\n"
                      + SUFFIX)
                 rec["images"] = paths
@@ -133,6 +141,7 @@ def make_synthetic_ai2d(out: str, num: int = 400, seed: int = 0) -> str:
             else:
                 path = f"images/{i:06d}.png"
                 items = make_diagram(rng, os.path.join(out, path))
+                drawn = [items]
                 q, ans = ask(rng, items)
                 rec["image"] = path
                 conv = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]
@@ -141,6 +150,12 @@ def make_synthetic_ai2d(out: str, num: int = 400, seed: int = 0) -> str:
                     conv += [{"from": "human", "value": q2}, {"from": "gpt", "value": ans2}]
                 rec["conversations"] = conv
             f.write(json.dumps(rec) + "\n")
+            if facts_file is not None:
+                images = rec.get("images", [rec["image"]] if "image" in rec else [])
+                facts_file.write(json.dumps({"id": rec["id"], "images": images, "items": drawn}) + "\n")
+    if facts_file is not None:
+        facts_file.close()
+        os.replace(facts_path + ".tmp", facts_path)
     os.replace(tmp, jsonl)
     return jsonl
 
@@ -151,10 +166,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output directory (images/ and ai2d_train.jsonl)")
     p.add_argument("--num", type=int, default=400, help="number of records (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--facts", action="store_true", help="also write ai2d_facts.jsonl: the drawn items per image")
     a = p.parse_args(argv)
     if a.num <= 0:
         p.error("--num must be positive")
-    path = make_synthetic_ai2d(a.out, a.num, a.seed)
+    path = make_synthetic_ai2d(a.out, a.num, a.seed, facts=a.facts)
     print(f"wrote {a.num} records to {path} (images under {os.path.join(a.out, 'images')})")
 
 
