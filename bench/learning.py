@@ -7,12 +7,17 @@ Every question of ``recipe.tools.make_synthetic_ai2d`` can only be answered from
 shape, the number of shapes, the shape at a label, the label of a colour (four options each: chance is 25%), or
 which of two pictures shows more shapes (two options). The bench
 
-1. writes the data set and holds out a part of it by record id (``prepare_ai2d.py --val-fraction``),
+1. writes the data set (with ``--facts``: the items drawn on each picture) and holds out a part of it by record id
+   (``prepare_ai2d.py --val-fraction``),
 2. builds a tiny model (``recipe.tools.make_tiny``: random weights, small tiles) and the real processor,
-3. trains the plain single-process model (``recipe.model``) with torch AdamW on answer-only labels, and every
-   ``--eval-every`` steps prints the held-out loss (``recipe.eval.loss``, the figure train.py's validation reports)
-   and the held-out accuracy of the greedy first answer token, per question kind,
-4. ends with the real scoring of the held-out set (``recipe.evaluate.run_mcq``: KV-cached greedy generation, the
+3. adds drill conversations about the *training* pictures (``--drill-rounds``): several multiple-choice questions
+   of the data set's own kinds and option distributions (the generator's ``ask``), and open questions plus a
+   description of the picture, so one ViT pass serves many answers,
+4. trains the plain single-process model (``recipe.model``) with torch AdamW on answer-only labels, the learning
+   rate on a cosine over the training budget, and after every fifth of the budget prints the held-out loss
+   (``recipe.eval.loss``, the figure train.py's validation reports) and the held-out accuracy of the greedy first
+   answer token, per question kind,
+5. ends with the real scoring of the held-out set (``recipe.evaluate.run_mcq``: KV-cached greedy generation, the
    lmms-eval ai2d rules) and prints a summary line.
 
 Why the plain model and not train.py: on 2 cores, 4 ranks of pipeline + expert parallelism spend most of a step
@@ -53,8 +58,9 @@ def make_data(workdir: str, num: int, seed: int, val_fraction: float) -> dict:
 
     raw = os.path.join(workdir, "ai2d")
     paths = {"root": raw, "train": os.path.join(workdir, "train.jsonl"), "val": os.path.join(workdir, "val.jsonl")}
-    if not os.path.isfile(paths["val"]):
-        make_synthetic_ai2d(raw, num=num, seed=seed)
+    paths["facts"] = os.path.join(raw, "ai2d_facts.jsonl")
+    if not os.path.isfile(paths["val"]) or not os.path.isfile(paths["facts"]):
+        make_synthetic_ai2d(raw, num=num, seed=seed, facts=True)
         prepare(os.path.join(raw, "ai2d_train.jsonl"), raw, paths["train"], num_workers=2, progress=False,
                 val_fraction=val_fraction, val_output_path=paths["val"])
     return paths
@@ -93,6 +99,63 @@ def write_open_answers(path: str, out: str) -> str:
     return out
 
 
+def drill_conversations(items: list, rng: random.Random, questions: int) -> list:
+    """Two more conversations about one training picture, from the items the generator drew on it: ``questions``
+    multiple-choice turns (the generator's own ``ask``: the same kinds and option distributions as the data set)
+    and ``questions`` open turns (the option's text as the answer) closed by a description of the whole picture
+    ("A red circle, B blue square"). Many answers per picture: the ViT runs once for all of them."""
+    from recipe.tools.make_synthetic_ai2d import SUFFIX, ask
+
+    def turns(pairs: list) -> list:
+        out = []
+        for k, (q, ans) in enumerate(pairs):  # the post-prompt once, on the first question (a sixth of the tokens)
+            q = "<image>\n" + q if k == 0 else q.replace("\n" + SUFFIX, "")
+            out += [{"role": "<|User|>", "content": q}, {"role": "<|Assistant|>", "content": ans}]
+        return out
+
+    mcq = turns([ask(rng, items) for _ in range(questions)])
+    opened = open_answer_record({"conversations": turns([ask(rng, items) for _ in range(questions)])})
+    describe = ("Describe the diagram.", ", ".join(f"{it['label']} {it['colour']} {it['shape']}" for it in items))
+    return [mcq, opened["conversations"] + [{"role": "<|User|>", "content": describe[0]},
+                                            {"role": "<|Assistant|>", "content": describe[1]}]]
+
+
+def conversation_sample(processor, messages: list, picture: dict) -> dict:
+    """``picture`` (a processed training sample) with the tokens of another conversation about the same image:
+    the processor's own token stream for these messages (``measure``'s path: image sizes, no pixels), the cached
+    tiles reused (the same image and crop, so the same tiles)."""
+    b, n_tok, n_img, _ = processor._build(messages, [tuple(s) for s in picture["image_sizes"]], False)
+    if b.crops[:n_img] != picture["images_spatial_crop"].tolist():
+        raise RuntimeError(f"{picture['id']}: the drill conversation tiles differently from its picture")
+    ids = torch.tensor(b.ids[:n_tok], dtype=torch.long)
+    labels = torch.tensor(b.labels[:n_tok], dtype=torch.long)
+    labels[(ids < 0) | (ids == processor.image_token_id)] = processor.ignore_id
+    ids[ids < 0] = processor.pad_id
+    return dict(picture, input_ids=ids, target_ids=labels, num_turns_dropped=0,
+                images_seq_mask=torch.tensor(b.mask[:n_tok], dtype=torch.bool))
+
+
+def drill_samples(processor, train: list, facts_path: str, rounds: int, questions: int, seed: int) -> list:
+    """``rounds`` x 2 drill conversations (:func:`drill_conversations`) per single-image training picture; held-out
+    records are never among ``train``, so none of their pictures is drilled."""
+    facts = {}
+    with open(facts_path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            facts[rec["id"]] = rec["items"]
+    rng = random.Random(seed + 1)
+    out = []
+    for _ in range(rounds):
+        for s in train:
+            items = facts.get(s["id"], [])
+            if len(items) != 1 or s["kind"] in ("text", "two images"):
+                continue
+            mcq, opened = drill_conversations(items[0], rng, questions)
+            out.append(dict(conversation_sample(processor, mcq, s), kind="drill mcq"))
+            out.append(dict(conversation_sample(processor, opened, s), kind="drill open"))
+    return out
+
+
 def to_uint8(tiles: torch.Tensor) -> torch.Tensor:
     """The processor's tiles ((u8 / 255 - 0.5) / 0.5 in fp32) back to their uint8 pixels: a quarter of the memory."""
     return torch.round((tiles * 0.5 + 0.5) * 255).to(torch.uint8)
@@ -111,7 +174,9 @@ def load_samples(path: str, root: str, processor, limit=None) -> list:
     out = []
     for i in range(len(ds) if limit is None else min(limit, len(ds))):
         s = ds[i]
-        s["kind"] = question_kind(ds.read_record(s["source_index"]))
+        record = ds.read_record(s["source_index"])
+        s["kind"] = question_kind(record)
+        s["image_sizes"] = record.get("image_sizes", [])
         s["images"] = to_uint8(s["images"])
         out.append(s)
     return out
@@ -164,11 +229,11 @@ def first_token_accuracy(model, processor, prompts: list, batch_size: int = 32) 
     return out
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine to a tenth of ``peak`` at ``progress`` 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def main(argv=None) -> dict:
@@ -179,13 +244,15 @@ def main(argv=None) -> dict:
                    help="training budget: this process's CPU time / --threads, in minutes (the wall time of an idle "
                         "machine; on a shared one the wall time is longer); evaluation excluded")
     p.add_argument("--steps", type=int, default=100000, help="at most this many steps")
-    p.add_argument("--schedule-steps", type=int, default=1500, help="length of the cosine schedule")
+    p.add_argument("--schedule-steps", type=int, default=0,
+                   help="length of the cosine schedule in steps (0: the training budget, --minutes)")
     p.add_argument("--records", type=int, default=3000, help="synthetic records (before the split)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: --eval-points)")
+    p.add_argument("--eval-points", type=int, default=5, help="evaluate after each 1/N of the training budget")
     p.add_argument("--eval-questions", type=int, default=300, help="held-out questions scored along the curve")
     p.add_argument("--like", default="tiny", choices=["tiny", "small", "base"])
     p.add_argument("--image-size", type=int, default=112, help="tile size in pixels (patch 14)")
@@ -198,7 +265,11 @@ def main(argv=None) -> dict:
     p.add_argument("--vision-width", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--open-answers", type=int, default=1,
+    p.add_argument("--drill-rounds", type=int, default=1,
+                   help="drill conversations per training picture: N x (one of --drill-questions multiple-choice "
+                        "turns, one of as many open turns and a description); 0: the records' own questions only")
+    p.add_argument("--drill-questions", type=int, default=4)
+    p.add_argument("--open-answers", type=int, default=0,
                    help="1: also train on each training question without its options, answered with the option's "
                         "text (held-out questions are always scored in the ai2d multiple-choice form)")
     p.add_argument("--seed", type=int, default=0)
@@ -225,6 +296,8 @@ def main(argv=None) -> dict:
     if a.open_answers:
         open_path = write_open_answers(paths["train"], os.path.join(a.workdir, "train_open.jsonl"))
         train += [dict(s, kind="open " + s["kind"]) for s in load_samples(open_path, paths["root"], processor)]
+    if a.drill_rounds:
+        train += drill_samples(processor, train, paths["facts"], a.drill_rounds, a.drill_questions, a.seed)
     val = load_samples(paths["val"], paths["root"], processor)
     prompts = load_prompts(paths["val"], paths["root"], processor)
     collate = Collator.from_processor(processor, seq_bucket=16)
@@ -259,7 +332,7 @@ def main(argv=None) -> dict:
 
     evaluate(0, 0.0, 0.0, None)
     budget = a.minutes * 60
-    train_time, cpu_time, step, recent = 0.0, 0.0, 0, []
+    train_time, cpu_time, step, recent, next_point = 0.0, 0.0, 0, [], 1
     while step < a.steps and cpu_time / a.threads < budget:
         t0, c0 = time.perf_counter(), time.process_time()
         if len(order) < a.batch:
@@ -269,7 +342,8 @@ def main(argv=None) -> dict:
         batch = collate_cached(collate, [train[i] for i in order[:a.batch]])
         del order[:a.batch]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.schedule_steps, a.lr, a.warmup)
+            progress = step / a.schedule_steps if a.schedule_steps else cpu_time / a.threads / budget
+            g["lr"] = lr_at(step, progress, a.lr, a.warmup)
         out = model(**{k: batch[k] for k in ("input_ids", "labels", "segment_ids", "position_ids", "images",
                                              "images_seq_mask", "images_spatial_crop")})
         out.loss.backward()
@@ -280,10 +354,11 @@ def main(argv=None) -> dict:
         step += 1
         train_time += time.perf_counter() - t0
         cpu_time += time.process_time() - c0
-        if step % a.eval_every == 0:
+        due = step % a.eval_every == 0 if a.eval_every else cpu_time / a.threads >= budget * next_point / a.eval_points
+        if due and cpu_time / a.threads < budget:
             evaluate(step, train_time, cpu_time, sum(recent) / len(recent))
-            recent = []
-    if step % a.eval_every:
+            recent, next_point = [], int(cpu_time / a.threads / budget * a.eval_points) + 1
+    if not curve or curve[-1]["step"] != step:
         evaluate(step, train_time, cpu_time, sum(recent) / len(recent) if recent else None)
 
     loaded = LoadedModel(model=model.eval(), processor=processor, kind="hf", path=ckpt, tag=None,
