@@ -34,14 +34,10 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 KINDS = (("What colour is the", "colour"), ("How many shapes", "count"), ("Which shape is labelled", "shape@label"),
          ("Which label marks", "label@colour"), ("Which image shows more", "two images"), ("What is ", "text"))

@@ -16,16 +16,16 @@ Routings: "router" is the randomly initialised router (its natural imbalance); "
 e_score_correction_bias over the experts, so a few experts take most routes (the capacity path pays for it).
 
 Each path runs as its phases one after another, every phase on detached copies of its inputs, so forward and
-backward of each phase are timed on their own: route (router, balance loss, counts; capacity: slot locations and
-the capacity all-reduce), permute (tokens into expert order; capacity: into the [E, C, D] buffer), exchange (both
-all-to-alls, the counts exchange, the expansion to routes grouped by local expert, and on the way back the
-weighted sum per received row), experts (the expert FFNs: grouped GEMMs, or
+backward of each phase are timed on their own: route (router, balance loss, counts; capacity: slot locations and the
+capacity all-reduce), permute (routes into expert order, the rows to send marked; capacity: tokens into the
+[E, C, D] buffer), exchange (the rows gathered, both all-to-alls, the counts exchange, the expansion to routes grouped by
+local expert, and on the way back the weighted sum per received row), experts (the expert FFNs: grouped GEMMs, or
 DeepSpeed's loop), combine (back to tokens, weighted sum). "block" is the whole layer run end to end (forward +
 backward) for comparison with the sum of the phases. dispatch = everything but experts, as a share of the phases'
-sum. pad = rows the experts compute / routes (capacity: E * C * P / routes of the EP group). TFLOP/s = useful
-expert FLOPs (6 * routes * D * F forward, twice that backward) / expert time. Times are the median of --repeats
-runs after one warm-up; at EP=2 each phase starts after a barrier and the slowest rank's time is reported.
-Nothing is asserted. Device and dtype come from DeepSpeed's accelerator (fp32 on CPU, bf16 elsewhere by default).
+sum. pad = rows the experts compute / routes (capacity: E * C * P / routes of the EP group). TFLOP/s = useful expert
+FLOPs (6 * routes * D * F forward, twice that backward) / expert time. Times are the median of --repeats runs after
+one warm-up; at EP=2 each phase starts after a barrier and the slowest rank's time is reported. Nothing is asserted.
+Device and dtype come from DeepSpeed's accelerator (fp32 on CPU, bf16 elsewhere by default).
 """
 
 from __future__ import annotations
@@ -91,16 +91,15 @@ def exact_phases(layer, used, ep_size, group):
         return routing.topk_weight, l_aux
 
     def permute(x):
-        st["dtype"] = x.dtype
         if ep_size == 1:  # the single-device dispatcher: a permutation by expert
             st["order"] = sort_routes(st["idx"], E)
             st["tokens"] = st["order"].counts_E
             return (permute_routes(x, st["order"]),)
-        x_UD, *st["sent"] = disp.permute(x, st["idx"])
-        return (x_UD,)
+        st["marked"] = disp.permute(st["idx"])  # routes sorted, rows to send marked; the rows move in exchange
+        return (x,)
 
-    def exchange(x_UD):
-        x_MD, st["tokens"], st["handle"] = disp.exchange(x_UD, *st["sent"])
+    def exchange(x_SD):
+        x_MD, st["tokens"], st["handle"] = disp.exchange(x_SD, *st["marked"])
         return (x_MD,)
 
     def run_experts(x_grouped):
@@ -112,8 +111,7 @@ def exact_phases(layer, used, ep_size, group):
     def combine(y, w=None):
         if ep_size == 1:
             return (unpermute_combine(y, w, st["order"]),)
-        S, D = st["idx"].shape[0], y.shape[1]
-        return (y.new_zeros(S, D, dtype=torch.float32).index_add(0, st["handle"].token_U, y.float()).to(st["dtype"]),)
+        return (disp.unpermute(y, st["idx"].shape[0], st["handle"]),)
 
     phases = [("route", route, ["x"], ["w", "aux"]), ("permute", permute, ["x"], ["x_ND"])]
     if ep_size > 1:

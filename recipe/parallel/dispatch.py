@@ -91,29 +91,24 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_local = num_experts // ep_size
 
     # The phases are separate methods so that bench/moe_block.py can time them one by one.
-    def permute(self, x_SD: torch.Tensor, topk_idx_SK: torch.Tensor):
-        """Sort the routes by expert and pick the rows to send: every token once per EP rank that holds one of
-        its experts, by destination rank then token. Returns (x_UD, order, token_U, rows_per_rank_P,
-        route_row_N: for each sorted route, its row among those sent to its rank)."""
+    def permute(self, topk_idx_SK: torch.Tensor):
+        """Sort the routes by expert and mark the rows to send: every token once per EP rank that holds one of
+        its experts. Returns (order, needed_PS [P*S] bool: (rank p, token s) at p*S + s, pair_N [N]: each sorted
+        route's (rank, token) pair)."""
         S, K = topk_idx_SK.shape
-        P = self.ep_size
         order = sort_routes(topk_idx_SK, self.num_experts)
-        rank_of_route_N = topk_idx_SK.reshape(-1) // self.num_local                # [S*K] by route id
-        token_of_route_N = torch.arange(S * K, device=x_SD.device) // K
-        needed_PS = torch.zeros(P * S, dtype=torch.bool, device=x_SD.device)
-        needed_PS[rank_of_route_N * S + token_of_route_N] = True
-        slot_PS = needed_PS.cumsum(0) - 1                                            # row in the send buffer
-        rows_P = needed_PS.view(P, S).sum(1)
-        first_row_P = rows_P.cumsum(0) - rows_P
-        token_U = needed_PS.nonzero().squeeze(1) % S
-        route_row = slot_PS[rank_of_route_N * S + token_of_route_N] - first_row_P[rank_of_route_N]
-        return x_SD.index_select(0, token_U), order, token_U, rows_P, route_row.index_select(0, order.order_N)
+        pair_N = (topk_idx_SK.reshape(-1) // self.num_local) * S + torch.arange(
+            S * K, device=topk_idx_SK.device) // K                                    # by route id
+        needed_PS = torch.zeros(self.ep_size * S, dtype=torch.bool, device=topk_idx_SK.device)
+        needed_PS[pair_N] = True
+        return order, needed_PS, pair_N.index_select(0, order.order_N)
 
-    def exchange(self, x_UD: torch.Tensor, order: ExpertOrder, token_U: torch.Tensor, rows_P: torch.Tensor,
-                 route_row_N: torch.Tensor):
-        """Counts, then the rows and each route's row index, with exact splits; the received rows expanded to
-        one per route, grouped by local expert. Returns (x_MD, tokens per local expert [E_l], handle)."""
-        P, E_l = self.ep_size, self.num_local
+    def exchange(self, x_SD: torch.Tensor, order: ExpertOrder, needed_PS: torch.Tensor, pair_N: torch.Tensor):
+        """Counts, then the marked rows (by destination rank, then token) and each route's row index, with exact
+        splits; the received rows expanded to one per route, grouped by local expert. Returns (x_MD, tokens per
+        local expert [E_l], handle)."""
+        P, E_l, S = self.ep_size, self.num_local, x_SD.shape[0]
+        rows_P = needed_PS.view(P, S).sum(1)
         send = torch.cat([order.counts_E.view(P, E_l), rows_P.view(P, 1)], dim=1)   # [P, E_l + 1]
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
@@ -121,12 +116,20 @@ class AllToAllDispatcher(TokenDispatcher):
         # the only host synchronisation: split sizes are Python ints
         send_routes, recv_routes, send_rows, recv_rows = torch.stack(
             [send[:, :E_l].sum(1), recv_PE.sum(1), send[:, E_l], recv[:, E_l]]).tolist()
-        x_RD = AllToAllSingle.apply(x_UD, recv_rows, send_rows, self.group)          # [R, D] by (source, token)
+        U = sum(send_rows)
+        slot_PS = needed_PS.cumsum(0) - 1                                             # row in the send buffer
+        # the token of each row sent, by a scatter (nonzero would synchronise with the host once more); unmarked
+        # pairs land in a spare slot U
+        token_U = torch.zeros(U + 1, dtype=torch.long, device=x_SD.device).scatter_(
+            0, torch.where(needed_PS, slot_PS, U), torch.arange(P * S, device=x_SD.device) % S)[:U]
+        first_row_P = rows_P.cumsum(0) - rows_P
+        route_row_N = slot_PS[pair_N] - first_row_P[pair_N // S]                      # row within its rank's chunk
+        x_RD = AllToAllSingle.apply(x_SD.index_select(0, token_U), recv_rows, send_rows, self.group)
         row_M = route_row_N.new_empty(sum(recv_routes))
         dist.all_to_all_single(row_M, route_row_N, recv_routes, send_routes, group=self.group)
-        first_row = torch.tensor(recv_rows, device=row_M.device).cumsum(0) - torch.tensor(recv_rows,
-                                                                                         device=row_M.device)
-        row_M = row_M + torch.repeat_interleave(first_row, torch.tensor(recv_routes, device=row_M.device),
+        recv_rows_P = torch.tensor(recv_rows, device=row_M.device)
+        row_M = row_M + torch.repeat_interleave(recv_rows_P.cumsum(0) - recv_rows_P,
+                                                torch.tensor(recv_routes, device=row_M.device),
                                                 output_size=row_M.numel())          # by (source, expert)
         regroup = group_by_local_expert(recv_PE, row_M.numel()) if E_l > 1 else None
         if regroup is not None:
@@ -150,13 +153,17 @@ class AllToAllDispatcher(TokenDispatcher):
         send_rows, recv_rows = handle.row_splits
         return AllToAllSingle.apply(partial_RD, send_rows, recv_rows, self.group)
 
+    @staticmethod
+    def unpermute(partial_UD: torch.Tensor, num_tokens: int, handle: AllToAllHandle) -> torch.Tensor:
+        """Each token's partial sums from its ranks added in fp32: [S, D] in the partials' dtype."""
+        return partial_UD.new_zeros(num_tokens, partial_UD.shape[1], dtype=torch.float32).index_add(
+            0, handle.token_U, partial_UD.float()).to(partial_UD.dtype)
+
     def dispatch(self, x_SD: torch.Tensor, topk_idx_SK: torch.Tensor):
-        return self.exchange(*self.permute(x_SD, topk_idx_SK))
+        return self.exchange(x_SD, *self.permute(topk_idx_SK))
 
     def combine(self, y_MD: torch.Tensor, topk_weight_SK: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         # the partial sums travel in the experts' dtype (bf16 in training: as many bytes per row as one route's
         # output, not twice); the sum over ranks is fp32 again
         partial_UD = self.exchange_back(self.weigh(y_MD, topk_weight_SK, handle).to(y_MD.dtype), handle)
-        S, D = topk_weight_SK.shape[0], y_MD.shape[1]
-        return partial_UD.new_zeros(S, D, dtype=torch.float32).index_add(
-            0, handle.token_U, partial_UD.float()).to(y_MD.dtype)
+        return self.unpermute(partial_UD, topk_weight_SK.shape[0], handle)
