@@ -16,16 +16,17 @@ Routings: "router" is the randomly initialised router (its natural imbalance); "
 e_score_correction_bias over the experts, so a few experts take most routes (the capacity path pays for it).
 
 Each path runs as its phases one after another, every phase on detached copies of its inputs, so forward and
-backward of each phase are timed on their own: route (router, balance loss, counts; capacity: slot locations and the
-capacity all-reduce), permute (routes into expert order, the rows to send marked; capacity: tokens into the
-[E, C, D] buffer), exchange (the rows gathered, both all-to-alls, the counts exchange, the expansion to routes grouped by
-local expert, and on the way back the weighted sum per received row), experts (the expert FFNs: grouped GEMMs, or
-DeepSpeed's loop), combine (back to tokens, weighted sum). "block" is the whole layer run end to end (forward +
-backward) for comparison with the sum of the phases. dispatch = everything but experts, as a share of the phases'
-sum. pad = rows the experts compute / routes (capacity: E * C * P / routes of the EP group). TFLOP/s = useful expert
-FLOPs (6 * routes * D * F forward, twice that backward) / expert time. Times are the median of --repeats runs after
-one warm-up; at EP=2 each phase starts after a barrier and the slowest rank's time is reported. Nothing is asserted.
-Device and dtype come from DeepSpeed's accelerator (fp32 on CPU, bf16 elsewhere by default).
+backward of each phase are timed on their own: route (router, balance loss, counts; capacity: slot locations and
+the capacity all-reduce), permute (routes into expert order, the rows to send marked; capacity: tokens into the
+[E, C, D] buffer), exchange (the rows gathered, both all-to-alls, the counts exchange, the expansion to routes
+grouped by local expert, and on the way back the weighted sum per received row), experts (the expert FFNs: grouped
+GEMMs, or DeepSpeed's loop), combine (back to tokens, weighted sum). "block" is the whole layer run end to end
+(forward + backward) for comparison with the sum of the phases. dispatch = everything but experts, as a share of
+the phases' sum. pad = rows the experts compute / routes (capacity: E * C * P / routes of the EP group). TFLOP/s =
+useful expert FLOPs (6 * routes * D * F forward, twice that backward) / expert time. Times are the median of
+--repeats runs after one warm-up; at EP=2 each phase starts after a barrier and the slowest rank's time is
+reported. Nothing is asserted. Device and dtype come from DeepSpeed's accelerator (fp32 on CPU, bf16 elsewhere by
+default).
 """
 
 from __future__ import annotations
